@@ -1,0 +1,1 @@
+"""Reading and writing checkpoints: diffusers-format folders, the original .pt files, the hub."""

@@ -1,0 +1,139 @@
+"""One model ↔ one diffusers-format folder: `config.json` + `diffusion_pytorch_model.safetensors`.
+
+Models are built on the meta device and filled straight from the memory-mapped safetensors file
+(`assign=True`), so loading makes no second copy. Loading is strict: a missing, unexpected or
+mis-shaped tensor is an error that names it. Writes go to a temporary file that is renamed into
+place, so a crash never leaves a half-written file under the final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..models.config import config_from_dict, config_to_dict, read_json
+
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is renamed to `path` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(data: dict[str, Any], path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def save_tensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file (memory-mapped); a truncated or corrupt file is a clear error."""
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, RuntimeError) as e:
+        raise ValueError(
+            f"{path}: cannot read the safetensors file ({e}); it may be truncated or corrupt"
+        ) from e
+
+
+def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Raise one error naming every missing, unexpected and mis-shaped tensor."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    problems = []
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} != {shape}"
+        for k, shape in expected.items()
+        if k in state and tuple(state[k].shape) != shape
+    ]
+    if missing:
+        problems.append(f"missing {missing[:8]}{' …' if len(missing) > 8 else ''} ({len(missing)})")
+    if unexpected:
+        problems.append(
+            f"unexpected {unexpected[:8]}{' …' if len(unexpected) > 8 else ''} ({len(unexpected)})"
+        )
+    if shapes:
+        problems.append(f"wrong shape: {shapes[:8]}")
+    if problems:
+        raise ValueError(f"{source}: weights do not fit {type(model).__name__}: " + "; ".join(problems))
+
+
+def build_from_state(cls: type[nn.Module], config: Any, state: dict[str, torch.Tensor], source: str,
+                     dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> nn.Module:  # fmt: skip
+    """Build `cls(config)` on the meta device and assign the tensors (cast to `dtype`) into it."""
+    with torch.device("meta"):
+        model = cls(config)
+    check_state_dict(model, state, source)
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    if device is not None:
+        state = {k: v.to(device) for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.eval().requires_grad_(False)
+
+
+def save_model(model: nn.Module, folder: str | Path) -> None:
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tensors(model.state_dict(), folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    write_json(config_to_dict(model.config, model.diffusers_class), folder / CONFIG_NAME)
+
+
+def _read_state(folder: Path) -> dict[str, torch.Tensor]:
+    single = folder / WEIGHTS_NAME
+    if single.exists():
+        return load_tensors(single)
+    index = folder / f"{WEIGHTS_NAME}.index.json"
+    if index.exists():  # sharded: {"weight_map": {key: file}}
+        state: dict[str, torch.Tensor] = {}
+        for shard in sorted(set(read_json(index)["weight_map"].values())):
+            state.update(load_tensors(folder / shard))
+        return state
+    legacy = folder / "diffusion_pytorch_model.bin"
+    if legacy.exists():  # old diffusers folders; a pickle, so only plain tensors are allowed
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME} (nor a sharded index or .bin) in this folder")
+
+
+def load_model(cls: type[nn.Module], folder: str | Path, dtype: torch.dtype | None = None,
+               device: torch.device | str | None = None) -> nn.Module:  # fmt: skip
+    """Load a diffusers-format model folder into our class `cls` (StageA/B/C)."""
+    folder = Path(folder)
+    if not (folder / CONFIG_NAME).exists():
+        raise FileNotFoundError(f"{folder}: no {CONFIG_NAME}; expected a diffusers-format model folder")
+    data = read_json(folder / CONFIG_NAME)
+    name = data.get("_class_name")
+    if name not in (None, cls.diffusers_class, cls.__name__):
+        raise ValueError(f"{folder}: holds a {name}, expected a {cls.diffusers_class}")
+    config = config_from_dict(cls.config_class, data, source=str(folder / CONFIG_NAME))
+    return build_from_state(cls, config, _read_state(folder), str(folder), dtype, device)

@@ -1,0 +1,223 @@
+"""Whole pipelines ↔ diffusers-format folders, local or on the Hugging Face hub.
+
+Two layouts are read:
+- combined (`WuerstchenCombinedPipeline.save_pretrained`): `prior_prior/`, `prior_text_encoder/`,
+  `prior_tokenizer/`, `prior_scheduler/`, `decoder/`, `text_encoder/`, `tokenizer/`, `scheduler/`,
+  `vqgan/` — the layout `save_pipeline` writes;
+- the official two repos: a decoder folder (`warp-ai/wuerstchen`: `decoder/`, `text_encoder/`,
+  `tokenizer/`, `scheduler/`, `vqgan/`) and a prior folder (`warp-ai/wuerstchen-prior`: `prior/`,
+  `text_encoder/`, `tokenizer/`, `scheduler/`), each with its settings in `model_index.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..models.stage_a import StageA
+from ..models.stage_b import StageB
+from ..models.stage_c import StageC
+from ..pipeline import PipelineSettings, WuerstchenPipeline
+from .checkpoint import load_model, read_json, save_model, write_json
+
+logger = logging.getLogger(__name__)
+
+HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model"]
+OFFICIAL_PRIOR = {"warp-ai/wuerstchen": "warp-ai/wuerstchen-prior"}
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+
+
+def resolve_folder(path_or_id: str | Path) -> Path:
+    """A local folder as is; a hub id (`owner/name`) downloaded through huggingface_hub's cache."""
+    path = Path(path_or_id).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(
+            f"{path} is a file; expected a model folder (or `wuerstchen convert` it first)"
+        )
+    name = str(path_or_id)
+    if not _looks_like_hub_id(name):
+        raise FileNotFoundError(f"no model folder at {name}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, network error: one actionable message
+        raise OSError(
+            f"cannot get {name} from the Hugging Face hub ({type(e).__name__}). On a machine with a network run "
+            f"`huggingface-cli download {name} --local-dir ./{name.split('/')[1]}` and pass that folder instead"
+        ) from e
+
+
+def _text_encoder(folder: Path, class_name: str | None, dtype: torch.dtype | None):
+    import transformers
+
+    cls = getattr(transformers, class_name or "CLIPTextModel", transformers.CLIPTextModel)
+    return cls.from_pretrained(folder, dtype=dtype).eval().requires_grad_(False)
+
+
+def _tokenizer(folder: Path, class_name: str | None):
+    import transformers
+
+    cls = getattr(transformers, class_name or "AutoTokenizer", transformers.AutoTokenizer)
+    return cls.from_pretrained(folder)
+
+
+def _class_of(index: dict[str, Any], name: str) -> str | None:
+    entry = index.get(name)
+    return entry[1] if isinstance(entry, list) and len(entry) == 2 else None
+
+
+def _scheduler_s(folder: Path) -> float | None:
+    config = folder / "scheduler_config.json"
+    return float(read_json(config).get("s", 0.008)) if config.exists() else None
+
+
+def load_pipeline(
+    path_or_id: str | Path,
+    prior: str | Path | None = None,
+    torch_dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> WuerstchenPipeline:
+    """Load a combined folder, or a decoder folder (+ `prior`), or a prior folder alone.
+
+    With the official decoder repo id and no `prior`, the official prior repo is used.
+    """
+    dtype = dtype or torch_dtype
+    root = resolve_folder(path_or_id)
+    index = read_json(root / "model_index.json") if (root / "model_index.json").exists() else {}
+    settings: dict[str, Any] = {}
+    parts: dict[str, Any] = {}
+
+    def take_settings(idx: dict[str, Any]) -> None:
+        for key in ("latent_mean", "latent_std", "resolution_multiple", "latent_dim_scale", "default_size"):
+            if key in idx:
+                settings[key] = idx[key]
+
+    def load_prior_part(folder: Path, prefix: str, idx: dict[str, Any]) -> None:
+        model_dir = folder / ("prior_prior" if prefix else "prior")
+        parts["prior"] = load_model(StageC, model_dir, dtype)
+        parts["prior_text_encoder"] = _text_encoder(
+            folder / f"{prefix}text_encoder", _class_of(idx, f"{prefix}text_encoder"), dtype
+        )
+        parts["prior_tokenizer"] = _tokenizer(
+            folder / f"{prefix}tokenizer", _class_of(idx, f"{prefix}tokenizer")
+        )
+
+    def load_decoder_part(folder: Path, idx: dict[str, Any]) -> None:
+        parts["decoder"] = load_model(StageB, folder / "decoder", dtype)
+        parts["vqgan"] = load_model(StageA, folder / "vqgan", dtype)
+        parts["text_encoder"] = _text_encoder(folder / "text_encoder", _class_of(idx, "text_encoder"), dtype)
+        parts["tokenizer"] = _tokenizer(folder / "tokenizer", _class_of(idx, "tokenizer"))
+        if (s := _scheduler_s(folder / "scheduler")) is not None:
+            settings["s"] = s
+
+    take_settings(index)
+    if (root / "prior_prior").is_dir():
+        load_prior_part(root, "prior_", index)
+        load_decoder_part(root, index)
+    elif (root / "decoder").is_dir():
+        load_decoder_part(root, index)
+        if prior is None and str(path_or_id) in OFFICIAL_PRIOR:
+            prior = OFFICIAL_PRIOR[str(path_or_id)]
+        if prior is not None:
+            prior_root = resolve_folder(prior)
+            prior_index = (
+                read_json(prior_root / "model_index.json")
+                if (prior_root / "model_index.json").exists()
+                else {}
+            )
+            if not (prior_root / "prior").is_dir():
+                raise FileNotFoundError(
+                    f"{prior_root}: no prior/ folder; expected a prior folder like warp-ai/wuerstchen-prior"
+                )
+            load_prior_part(prior_root, "", prior_index)
+            take_settings(prior_index)
+        else:
+            logger.info("%s has no prior: decoder-only pipeline (pass prior=... to generate from text)", root)
+    elif (root / "prior").is_dir():
+        load_prior_part(root, "", index)
+    else:
+        raise FileNotFoundError(
+            f"{root}: not a Würstchen pipeline folder (expected prior_prior/ and decoder/, or decoder/, or prior/)"
+        )
+    if (root / "semantic").is_dir():
+        from ..models.semantic import SemanticCompressor
+
+        parts["semantic"] = load_model(SemanticCompressor, root / "semantic", dtype)
+    known = {f for f in PipelineSettings.__dataclass_fields__}
+    pipe = WuerstchenPipeline(
+        prior=parts.get("prior"),
+        prior_text_encoder=parts.get("prior_text_encoder"),
+        prior_tokenizer=parts.get("prior_tokenizer"),
+        decoder=parts.get("decoder"),
+        text_encoder=parts.get("text_encoder"),
+        tokenizer=parts.get("tokenizer"),
+        vqgan=parts.get("vqgan"),
+        semantic=parts.get("semantic"),
+        settings=PipelineSettings(**{k: v for k, v in settings.items() if k in known}),
+    )
+    if device is not None:
+        pipe.to(device)
+    return pipe
+
+
+def _scheduler_config(s: float) -> dict[str, Any]:
+    return {"_class_name": "DDPMWuerstchenScheduler", "_diffusers_version": "0.42.1", "s": s, "scaler": 1.0}
+
+
+def save_pipeline(pipe: WuerstchenPipeline, folder: str | Path) -> None:
+    """Write the combined diffusers layout. The folder appears whole or not at all: everything is
+    written to a temporary folder beside it that is then renamed into place."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        index: dict[str, Any] = {"_class_name": "WuerstchenCombinedPipeline", "_diffusers_version": "0.42.1"}
+        st = pipe.settings
+        index.update(
+            latent_mean=st.latent_mean, latent_std=st.latent_std, resolution_multiple=st.resolution_multiple,
+            latent_dim_scale=st.latent_dim_scale, default_size=st.default_size,
+        )  # fmt: skip
+        for name, model in (("prior_prior", pipe.prior), ("decoder", pipe.decoder), ("vqgan", pipe.vqgan)):
+            if model is not None:
+                save_model(model, tmp / name)
+                index[name] = ["diffusers", model.diffusers_class]
+        for prefix, encoder, tokenizer in (
+            ("prior_", pipe.prior_text_encoder, pipe.prior_tokenizer),
+            ("", pipe.text_encoder, pipe.tokenizer),
+        ):
+            if encoder is not None:
+                encoder.save_pretrained(tmp / f"{prefix}text_encoder", safe_serialization=True)
+                index[f"{prefix}text_encoder"] = ["transformers", type(encoder).__name__]
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp / f"{prefix}tokenizer")
+                index[f"{prefix}tokenizer"] = ["transformers", type(tokenizer).__name__]
+            write_json(_scheduler_config(st.s), tmp / f"{prefix}scheduler" / "scheduler_config.json")
+            index[f"{prefix}scheduler"] = ["diffusers", "DDPMWuerstchenScheduler"]
+        if pipe.semantic is not None:
+            save_model(pipe.semantic, tmp / "semantic")  # ours; not a diffusers component
+        write_json(index, tmp / "model_index.json")
+        os.chmod(tmp, 0o755)
+        old = None
+        if folder.exists():
+            old = folder.with_name(f".{folder.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            folder.rename(old)
+        tmp.rename(folder)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

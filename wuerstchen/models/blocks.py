@@ -1,0 +1,161 @@
+"""Building blocks shared by Stage B and Stage C.
+
+Tensors inside the networks are NCHW in shape but are kept in channels-last memory layout, so the
+NHWC view that LayerNorm, the Linear layers and attention want is a free `permute`, not a copy.
+Parameter names follow diffusers' deprecated Würstchen modules so its folders load as they are.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def channel_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
+    """LayerNorm over the channels of an NCHW tensor, no affine (Würstchen's `LayerNorm2d`)."""
+    return F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), eps=eps).permute(0, 3, 1, 2)
+
+
+class ChannelNorm(nn.Module):
+    """Module form of `channel_norm` (has no parameters; kept so Sequential indices match)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return channel_norm(x)
+
+
+def to_channels_last(x: Tensor) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def r_embedding(r: Tensor, c_r: int, max_positions: int = 10000) -> Tensor:
+    """Sinusoidal embedding of the continuous time r ∈ [0, 1]: (B,) → (B, c_r), float32.
+
+    Frequencies are log-spaced over `half - 1` intervals and the argument is `r * 10000` (the
+    official code); `[sin, cos]`, zero-padded when c_r is odd.
+    """
+    half = c_r // 2
+    freqs = torch.exp(
+        torch.arange(half, device=r.device, dtype=torch.float32) * -(math.log(max_positions) / (half - 1))
+    )
+    args = (r.float() * max_positions)[:, None] * freqs[None, :]
+    emb = torch.cat([args.sin(), args.cos()], dim=1)
+    if c_r % 2 == 1:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class GlobalResponseNorm(nn.Module):
+    """ConvNeXt-V2 GRN on NHWC tensors: `γ·(x·n) + β + x`, `n = ‖x‖_HW / mean_c ‖x‖_HW`."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
+        n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.gamma * (x * n) + self.beta + x
+
+
+def _channelwise(c_in: int, c: int, dropout: float) -> nn.Sequential:
+    # Indices 0, 2, 4 carry parameters: the names `channelwise.{0,2,4}` of the checkpoints.
+    return nn.Sequential(
+        nn.Linear(c_in, c * 4), nn.GELU(), GlobalResponseNorm(c * 4), nn.Dropout(dropout), nn.Linear(c * 4, c)
+    )
+
+
+class ResBlock(nn.Module):
+    """Stage C's ResBlock: the skip is concatenated before the depthwise conv."""
+
+    def __init__(self, c: int, c_skip: int = 0, kernel_size: int = 3, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(c + c_skip, c, kernel_size, padding=kernel_size // 2, groups=c)
+        self.channelwise = _channelwise(c, c, dropout)
+
+    def forward(self, x: Tensor, x_skip: Tensor | None = None) -> Tensor:
+        h = x if x_skip is None else torch.cat([x, x_skip], dim=1)
+        h = self.depthwise(h).permute(0, 2, 3, 1)  # NHWC view (channels-last storage)
+        h = F.layer_norm(h, (h.shape[-1],), eps=1e-6)
+        return x + self.channelwise(h).permute(0, 3, 1, 2)
+
+
+class ResBlockStageB(nn.Module):
+    """Stage B's ResBlock: the skip (effnet condition, U-Net skip) is concatenated after the norm."""
+
+    def __init__(self, c: int, c_skip: int = 0, kernel_size: int = 3, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.depthwise = nn.Conv2d(c, c, kernel_size, padding=kernel_size // 2, groups=c)
+        self.channelwise = _channelwise(c + c_skip, c, dropout)
+
+    def forward(self, x: Tensor, x_skip: Tensor | None = None) -> Tensor:
+        h = self.depthwise(x).permute(0, 2, 3, 1)
+        h = F.layer_norm(h, (h.shape[-1],), eps=1e-6)
+        if x_skip is not None:
+            h = torch.cat([h, x_skip.permute(0, 2, 3, 1)], dim=-1)
+        return x + self.channelwise(h).permute(0, 3, 1, 2)
+
+
+class TimestepBlock(nn.Module):
+    """`x·(1 + a) + b` with `a, b = Linear(r_emb)`."""
+
+    def __init__(self, c: int, c_r: int) -> None:
+        super().__init__()
+        self.mapper = nn.Linear(c_r, c * 2)
+
+    def forward(self, x: Tensor, r_emb: Tensor) -> Tensor:
+        a, b = self.mapper(r_emb)[:, :, None, None].chunk(2, dim=1)
+        return x * (1 + a) + b
+
+
+class Attention(nn.Module):
+    """Multi-head attention with diffusers' parameter names (`to_q`, `to_k`, `to_v`, `to_out.0`)."""
+
+    def __init__(self, c: int, nhead: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.nhead = nhead
+        self.dropout = dropout  # on the attention weights, as nn.MultiheadAttention in the original
+        self.to_q = nn.Linear(c, c)
+        self.to_k = nn.Linear(c, c)
+        self.to_v = nn.Linear(c, c)
+        self.to_out = nn.Sequential(nn.Linear(c, c))
+
+    def heads(self, t: Tensor) -> Tensor:
+        """(B, N, C) → (B, heads, N, C/heads)."""
+        return t.unflatten(-1, (self.nhead, -1)).transpose(1, 2)
+
+
+class AttnBlock(nn.Module):
+    """`x + MHA(norm(x), [norm(x) tokens ; kv tokens])`, `kv = Linear(SiLU(cond))`.
+
+    The text part of K/V (`kv_mapper` → `to_k`/`to_v`) does not change across sampling steps, so
+    `text_kv` computes it once per generation and `forward` accepts the result.
+    """
+
+    def __init__(self, c: int, c_cond: int, nhead: int, self_attn: bool = True, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.self_attn = self_attn
+        self.attention = Attention(c, nhead, dropout)
+        self.kv_mapper = nn.Sequential(nn.SiLU(), nn.Linear(c_cond, c))
+
+    def text_kv(self, cond: Tensor) -> tuple[Tensor, Tensor]:
+        """cond (B, L, c_cond) → keys, values (B, heads, L, d)."""
+        kv = self.kv_mapper(cond)
+        return self.attention.heads(self.attention.to_k(kv)), self.attention.heads(self.attention.to_v(kv))
+
+    def forward(self, x: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
+        attn = self.attention
+        b, c, h, w = x.shape
+        tokens = channel_norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
+        q = attn.heads(attn.to_q(tokens))
+        k, v = kv
+        if self.self_attn:
+            k = torch.cat([attn.heads(attn.to_k(tokens)), k], dim=2)
+            v = torch.cat([attn.heads(attn.to_v(tokens)), v], dim=2)
+        dropout_p = attn.dropout if self.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        o = attn.to_out(o.transpose(1, 2).reshape(b, h * w, c))
+        return x + o.view(b, h, w, c).permute(0, 3, 1, 2)

@@ -1,0 +1,143 @@
+"""Stage A, the VQGAN (Paella's f4 VQ-VAE): images in [0, 1] ↔ 4-channel latents at 1/4 side.
+
+`encode`/`decode` are the raw network (diffusers' `PaellaVQModel` semantics); `encode_latents` and
+`decode_latents` apply the latent scale factor (encode divides, decode multiplies), which is the
+space Stage B works in. v2 decodes without quantising.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass(frozen=True)
+class StageAConfig:
+    """Field names and defaults are those of diffusers' `PaellaVQModel` (= the official f4 VQGAN)."""
+
+    in_channels: int = 3
+    out_channels: int = 3
+    up_down_scale_factor: int = 2
+    levels: int = 2
+    bottleneck_blocks: int = 12
+    embed_dim: int = 384
+    latent_channels: int = 4
+    num_vq_embeddings: int = 8192
+    scale_factor: float = 0.3764
+
+    @property
+    def downscale(self) -> int:
+        return self.up_down_scale_factor * 2 ** (self.levels - 1)
+
+
+STAGE_A_PRESETS: dict[str, StageAConfig] = {
+    "official-v2": StageAConfig(),  # ~18.4M parameters
+    "medium": StageAConfig(embed_dim=192, bottleneck_blocks=6),
+    "tiny": StageAConfig(embed_dim=16, bottleneck_blocks=1, num_vq_embeddings=64),
+}
+
+
+class MixingResidualBlock(nn.Module):
+    """Depthwise-conv and MLP residuals, each with a learnt pre-norm scale/shift and output gain
+    (6 gammas, zero at init so the block starts as identity)."""
+
+    def __init__(self, c: int, c_hidden: int) -> None:
+        super().__init__()
+        self.depthwise = nn.Sequential(nn.ReplicationPad2d(1), nn.Conv2d(c, c, kernel_size=3, groups=c))
+        self.channelwise = nn.Sequential(nn.Linear(c, c_hidden), nn.GELU(), nn.Linear(c_hidden, c))
+        self.gammas = nn.Parameter(torch.zeros(6))
+
+    def forward(self, x: Tensor) -> Tensor:
+        g = self.gammas
+        c = x.shape[1]
+        h = F.layer_norm(x.permute(0, 2, 3, 1), (c,), eps=1e-6) * (1 + g[0]) + g[1]
+        x = x + self.depthwise(h.permute(0, 3, 1, 2)) * g[2]
+        h = F.layer_norm(x.permute(0, 2, 3, 1), (c,), eps=1e-6) * (1 + g[3]) + g[4]
+        return x + self.channelwise(h).permute(0, 3, 1, 2) * g[5]
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code quantisation with a straight-through gradient; `embedding` is the codebook."""
+
+    def __init__(self, num_codes: int, dim: int, beta: float = 0.25) -> None:
+        super().__init__()
+        self.beta = beta
+        self.embedding = nn.Embedding(num_codes, dim)
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """z (B, C, H, W) → (quantised z, codebook + commitment loss, indices (B, H, W))."""
+        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        codes = self.embedding.weight
+        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codes.t() + codes.pow(2).sum(1)[None]
+        idx = dist.argmin(dim=1)
+        zq = self.embedding(idx).view(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
+        # Codebook term pulls codes to the encoder output; commitment (β) pulls the encoder to codes.
+        loss = F.mse_loss(zq, z.detach()) + self.beta * F.mse_loss(z, zq.detach())
+        zq = z + (zq - z).detach()
+        return zq, loss, idx.view(z.shape[0], z.shape[2], z.shape[3])
+
+
+class StageA(nn.Module):
+    diffusers_class = "PaellaVQModel"
+    config_class = StageAConfig
+
+    def __init__(self, config: StageAConfig) -> None:
+        super().__init__()
+        self.config = config
+        cfg = config
+        f = cfg.up_down_scale_factor
+        c_levels = [cfg.embed_dim // 2**i for i in reversed(range(cfg.levels))]
+        self.in_block = nn.Sequential(
+            nn.PixelUnshuffle(f), nn.Conv2d(cfg.in_channels * f * f, c_levels[0], 1)
+        )
+        down: list[nn.Module] = []
+        for i in range(cfg.levels):
+            if i > 0:
+                down.append(nn.Conv2d(c_levels[i - 1], c_levels[i], kernel_size=4, stride=2, padding=1))
+            down.append(MixingResidualBlock(c_levels[i], c_levels[i] * 4))
+        # The latent is batch-normalised to zero mean, unit variance.
+        down.append(
+            nn.Sequential(
+                nn.Conv2d(c_levels[-1], cfg.latent_channels, 1, bias=False),
+                nn.BatchNorm2d(cfg.latent_channels),
+            )
+        )
+        self.down_blocks = nn.Sequential(*down)
+        self.vquantizer = VectorQuantizer(cfg.num_vq_embeddings, cfg.latent_channels)
+        up: list[nn.Module] = [nn.Sequential(nn.Conv2d(cfg.latent_channels, c_levels[-1], 1))]
+        for i in range(cfg.levels):
+            c = c_levels[cfg.levels - 1 - i]
+            for _ in range(cfg.bottleneck_blocks if i == 0 else 1):
+                up.append(MixingResidualBlock(c, c * 4))
+            if i < cfg.levels - 1:
+                up.append(nn.ConvTranspose2d(c, c_levels[cfg.levels - 2 - i], 4, stride=2, padding=1))
+        self.up_blocks = nn.Sequential(*up)
+        self.out_block = nn.Sequential(
+            nn.Conv2d(c_levels[0], cfg.out_channels * f * f, 1), nn.PixelShuffle(f)
+        )
+
+    def encode(self, images: Tensor) -> Tensor:
+        """Images in [0, 1] (B, 3, H, W) → unquantised latents (B, 4, H/4, W/4)."""
+        return self.down_blocks(self.in_block(images))
+
+    def decode(self, latents: Tensor, quantize: bool = False) -> Tensor:
+        """Raw latents → images (not clamped)."""
+        if quantize:
+            latents = self.vquantizer(latents)[0]
+        return self.out_block(self.up_blocks(latents))
+
+    def encode_latents(self, images: Tensor) -> Tensor:
+        """Images → the scaled latents Stage B is trained on."""
+        return self.encode(images) / self.config.scale_factor
+
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """Stage B latents → images clamped to [0, 1]."""
+        return self.decode(latents * self.config.scale_factor).clamp(0, 1)
+
+    def forward(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Training pass: images → (reconstruction, VQ loss), quantising the latent."""
+        zq, vq_loss, _ = self.vquantizer(self.encode(images))
+        return self.decode(zq), vq_loss

@@ -1,0 +1,130 @@
+"""Text conditioning: CLIP text models and tokenizers from `transformers`, and prompt weighting.
+
+Both stages condition on the last hidden state of a CLIP text tower over 77 tokens (Stage C on
+CLIP ViT-bigG/14, Stage B on CLIP ViT-H/14 for the official weights).
+
+Prompt weighting understands the syntax people know from AUTOMATIC1111 and ComfyUI:
+`(word:1.3)` sets a weight, `(word)` multiplies by 1.1, `[word]` divides by 1.1, `\\(` is a literal
+parenthesis. The token states are scaled by their weights and then rescaled so the mean of the
+whole sequence is unchanged (A1111's method); with all weights 1 the states are exactly the
+unweighted ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from torch import Tensor
+
+logger = logging.getLogger(__name__)
+
+_TOKEN = re.compile(r"\\\(|\\\)|\\\[|\\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
+
+
+def parse_weights(prompt: str) -> list[tuple[str, float]]:
+    """Split a prompt into (text, weight) runs. Unbalanced brackets are closed at the end."""
+    runs: list[list] = []
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for run in runs[start:]:
+            run[1] *= factor
+
+    for m in _TOKEN.finditer(prompt):
+        tok, weight = m.group(0), m.group(1)
+        if tok.startswith("\\") and len(tok) == 2:
+            runs.append([tok[1], 1.0])
+        elif tok == "(":
+            round_open.append(len(runs))
+        elif tok == "[":
+            square_open.append(len(runs))
+        elif weight is not None and round_open:
+            scale(round_open.pop(), float(weight))
+        elif tok == ")" and round_open:
+            scale(round_open.pop(), 1.1)
+        elif tok == "]" and square_open:
+            scale(square_open.pop(), 1 / 1.1)
+        else:
+            runs.append([tok, 1.0])
+    for start in round_open:
+        scale(start, 1.1)
+    for start in square_open:
+        scale(start, 1 / 1.1)
+    merged: list[tuple[str, float]] = []
+    for text, w in runs:
+        if merged and merged[-1][1] == w:
+            merged[-1] = (merged[-1][0] + text, w)
+        elif text:
+            merged.append((text, w))
+    return merged or [("", 1.0)]
+
+
+def _ids_with_weights(tokenizer, runs: list[tuple[str, float]]) -> tuple[list[int], list[float], int]:
+    """Token ids and per-token weights of the runs, BOS/EOS added, truncated; returns the cut count."""
+    ids: list[int] = []
+    weights: list[float] = []
+    for text, w in runs:
+        toks = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += toks
+        weights += [w] * len(toks)
+    room = tokenizer.model_max_length - 2
+    cut = max(0, len(ids) - room)
+    return (
+        [tokenizer.bos_token_id, *ids[:room], tokenizer.eos_token_id],
+        [1.0, *weights[:room], 1.0],
+        cut,
+    )
+
+
+def encode_prompts(
+    tokenizer,
+    text_encoder,
+    prompts: list[str],
+    device: torch.device | str,
+    weighting: bool = True,
+) -> Tensor:
+    """Prompts → last hidden states (B, 77, D) in the text encoder's dtype.
+
+    A prompt longer than the encoder's window is truncated with a warning that says how much was cut.
+    """
+    max_len = tokenizer.model_max_length
+    parsed = [parse_weights(p) if weighting else [(p, 1.0)] for p in prompts]
+    plain = all(w == 1.0 for runs in parsed for _, w in runs)
+    if plain:
+        # No weights: tokenize the (bracket-free) text as a whole, exactly as the reference does.
+        texts = ["".join(t for t, _ in runs) for runs in parsed]
+        batch = tokenizer(
+            texts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
+        )
+        full = tokenizer(texts, add_special_tokens=True)["input_ids"]
+        for text, ids in zip(texts, full, strict=True):
+            if len(ids) > max_len:
+                cut = tokenizer.decode(ids[max_len - 1 : -1])
+                logger.warning(
+                    "prompt truncated: %d of %d tokens cut (the text encoder reads %d): %r",
+                    len(ids) - max_len, len(ids) - 2, max_len, cut,
+                )  # fmt: skip
+        input_ids, mask = batch["input_ids"], batch["attention_mask"]
+        weights = None
+    else:
+        rows, wrows, masks = [], [], []
+        for runs in parsed:
+            ids, w, cut = _ids_with_weights(tokenizer, runs)
+            if cut:
+                logger.warning("prompt truncated: %d tokens cut (the text encoder reads %d)", cut, max_len)
+            pad = max_len - len(ids)
+            rows.append(ids + [tokenizer.pad_token_id] * pad)
+            wrows.append(w + [1.0] * pad)
+            masks.append([1] * len(ids) + [0] * pad)
+        input_ids, mask = torch.tensor(rows), torch.tensor(masks)
+        weights = torch.tensor(wrows)
+    states = text_encoder(input_ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+    if weights is not None:
+        w = weights.to(states.device, torch.float32)[:, :, None]
+        before = states.float().mean(dim=(1, 2), keepdim=True)
+        weighted = states.float() * w
+        states = (weighted * (before / weighted.mean(dim=(1, 2), keepdim=True))).to(states.dtype)
+    return states
