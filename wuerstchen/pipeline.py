@@ -80,9 +80,7 @@ def _check_steps(steps: int, custom: Sequence[float] | None, name: str) -> list[
     if custom is not None:
         times = [float(t) for t in custom]
         if len(times) < 2 or any(a <= b for a, b in zip(times, times[1:], strict=False)):
-            raise ValueError(
-                f"`{name}` must be at least two strictly decreasing times in [0, 1], e.g. [1.0, 0.5, 0.0]"
-            )
+            raise ValueError(f"`{name}` must be at least two strictly decreasing times in [0, 1], e.g. [1.0, 0.5, 0.0]")
         if times[0] > 1 or times[-1] < 0:
             raise ValueError(f"`{name}` must lie in [0, 1]")
         return times
@@ -162,9 +160,7 @@ class WuerstchenPipeline:
     def device(self) -> torch.device:
         return self._device
 
-    def to(
-        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-    ) -> WuerstchenPipeline:
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> WuerstchenPipeline:
         if device is not None:
             self._device = torch.device(device)
         for m in self.modules().values():
@@ -206,9 +202,7 @@ class WuerstchenPipeline:
             return
         hooks = []
         for leaf in module.modules():
-            if any(True for _ in leaf.parameters(recurse=False)) or any(
-                True for _ in leaf.buffers(recurse=False)
-            ):
+            if any(True for _ in leaf.parameters(recurse=False)) or any(True for _ in leaf.buffers(recurse=False)):
                 hooks.append(leaf.register_forward_pre_hook(lambda m, _a: m.to(self._device)))
                 hooks.append(leaf.register_forward_hook(lambda m, _a, _o: m.to("cpu")))
         try:
@@ -391,15 +385,11 @@ class WuerstchenPipeline:
             def denoise(x: Tensor, r: Tensor) -> Tensor:
                 if not cfg:
                     return prior(x.to(dtype), r, kv=kv).float()
-                eps_cond, eps_uncond = (
-                    prior(torch.cat([x, x]).to(dtype), torch.cat([r, r]), kv=kv).float().chunk(2)
-                )
+                eps_cond, eps_uncond = prior(torch.cat([x, x]).to(dtype), torch.cat([r, r]), kv=kv).float().chunk(2)
                 return torch.lerp(eps_uncond, eps_cond, guidance_scale)
 
             callback = self._step_callback(callback_on_step_end, step_hook, "prior", len(times) - 1)
-            x = sample(
-                denoise, x, times, sampler=sampler, generator=generator, s=self.settings.s, callback=callback
-            )
+            x = sample(denoise, x, times, sampler=sampler, generator=generator, s=self.settings.s, callback=callback)
         _check_finite(x, "Stage C (prior)")
         st = self.settings
         return PriorOutput(x * st.latent_mean - st.latent_std, generator)

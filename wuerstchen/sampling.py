@@ -52,9 +52,7 @@ def add_noise(x0: Tensor, noise: Tensor, t: Tensor, s: float = 0.008, scaler: fl
     return (ab.sqrt() * x0 + (1 - ab).sqrt() * noise).to(x0.dtype)
 
 
-def randn(
-    shape: Sequence[int], generator: Generator, device: torch.device | str, dtype: torch.dtype
-) -> Tensor:
+def randn(shape: Sequence[int], generator: Generator, device: torch.device | str, dtype: torch.dtype) -> Tensor:
     """Standard normal noise drawn as diffusers' `randn_tensor` draws it, so seeds agree.
 
     A list of generators draws one sample of the batch from each; a CPU generator draws on the CPU
@@ -71,9 +69,7 @@ def randn(
     return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
 
 
-def ddpm_step(
-    x: Tensor, eps: Tensor, t: float, t_prev: float, noise: Tensor | None, s: float = 0.008
-) -> Tensor:
+def ddpm_step(x: Tensor, eps: Tensor, t: float, t_prev: float, noise: Tensor | None, s: float = 0.008) -> Tensor:
     """The reference's DDPM step from t to t_prev (α = ᾱ_t/ᾱ_prev):
     μ = (x − (1−α)·ε/√(1−ᾱ_t)) / √α, plus √((1−α)(1−ᾱ_prev)/(1−ᾱ_t))·z unless t_prev = 0.
     The operations run in the reference's order, so float32 results agree to the last bits."""

@@ -47,9 +47,7 @@ def write_json(data: dict[str, Any], path: str | Path) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
 
 
-def save_tensors(
-    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
-) -> None:
+def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
@@ -60,9 +58,7 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise ValueError(
-            f"{path}: cannot read the safetensors file ({e}); it may be truncated or corrupt"
-        ) from e
+        raise ValueError(f"{path}: cannot read the safetensors file ({e}); it may be truncated or corrupt") from e
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -79,17 +75,21 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
     if missing:
         problems.append(f"missing {missing[:8]}{' …' if len(missing) > 8 else ''} ({len(missing)})")
     if unexpected:
-        problems.append(
-            f"unexpected {unexpected[:8]}{' …' if len(unexpected) > 8 else ''} ({len(unexpected)})"
-        )
+        problems.append(f"unexpected {unexpected[:8]}{' …' if len(unexpected) > 8 else ''} ({len(unexpected)})")
     if shapes:
         problems.append(f"wrong shape: {shapes[:8]}")
     if problems:
         raise ValueError(f"{source}: weights do not fit {type(model).__name__}: " + "; ".join(problems))
 
 
-def build_from_state(cls: type[nn.Module], config: Any, state: dict[str, torch.Tensor], source: str,
-                     dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> nn.Module:  # fmt: skip
+def build_from_state(
+    cls: type[nn.Module],
+    config: Any,
+    state: dict[str, torch.Tensor],
+    source: str,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+) -> nn.Module:
     """Build `cls(config)` on the meta device and assign the tensors (cast to `dtype`) into it."""
     with torch.device("meta"):
         model = cls(config)
@@ -125,8 +125,9 @@ def _read_state(folder: Path) -> dict[str, torch.Tensor]:
     raise FileNotFoundError(f"{folder}: no {WEIGHTS_NAME} (nor a sharded index or .bin) in this folder")
 
 
-def load_model(cls: type[nn.Module], folder: str | Path, dtype: torch.dtype | None = None,
-               device: torch.device | str | None = None) -> nn.Module:  # fmt: skip
+def load_model(
+    cls: type[nn.Module], folder: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+) -> nn.Module:
     """Load a diffusers-format model folder into our class `cls` (StageA/B/C)."""
     folder = Path(folder)
     if not (folder / CONFIG_NAME).exists():

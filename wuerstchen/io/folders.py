@@ -43,9 +43,7 @@ def resolve_folder(path_or_id: str | Path) -> Path:
     if path.is_dir():
         return path
     if path.exists():
-        raise NotADirectoryError(
-            f"{path} is a file; expected a model folder (or `wuerstchen convert` it first)"
-        )
+        raise NotADirectoryError(f"{path} is a file; expected a model folder (or `wuerstchen convert` it first)")
     name = str(path_or_id)
     if not _looks_like_hub_id(name):
         raise FileNotFoundError(f"no model folder at {name}")
@@ -112,9 +110,7 @@ def load_pipeline(
         parts["prior_text_encoder"] = _text_encoder(
             folder / f"{prefix}text_encoder", _class_of(idx, f"{prefix}text_encoder"), dtype
         )
-        parts["prior_tokenizer"] = _tokenizer(
-            folder / f"{prefix}tokenizer", _class_of(idx, f"{prefix}tokenizer")
-        )
+        parts["prior_tokenizer"] = _tokenizer(folder / f"{prefix}tokenizer", _class_of(idx, f"{prefix}tokenizer"))
 
     def load_decoder_part(folder: Path, idx: dict[str, Any]) -> None:
         parts["decoder"] = load_model(StageB, folder / "decoder", dtype)
@@ -135,9 +131,7 @@ def load_pipeline(
         if prior is not None:
             prior_root = resolve_folder(prior)
             prior_index = (
-                read_json(prior_root / "model_index.json")
-                if (prior_root / "model_index.json").exists()
-                else {}
+                read_json(prior_root / "model_index.json") if (prior_root / "model_index.json").exists() else {}
             )
             if not (prior_root / "prior").is_dir():
                 raise FileNotFoundError(

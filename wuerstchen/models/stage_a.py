@@ -90,9 +90,7 @@ class StageA(nn.Module):
         cfg = config
         f = cfg.up_down_scale_factor
         c_levels = [cfg.embed_dim // 2**i for i in reversed(range(cfg.levels))]
-        self.in_block = nn.Sequential(
-            nn.PixelUnshuffle(f), nn.Conv2d(cfg.in_channels * f * f, c_levels[0], 1)
-        )
+        self.in_block = nn.Sequential(nn.PixelUnshuffle(f), nn.Conv2d(cfg.in_channels * f * f, c_levels[0], 1))
         down: list[nn.Module] = []
         for i in range(cfg.levels):
             if i > 0:
@@ -115,9 +113,7 @@ class StageA(nn.Module):
             if i < cfg.levels - 1:
                 up.append(nn.ConvTranspose2d(c, c_levels[cfg.levels - 2 - i], 4, stride=2, padding=1))
         self.up_blocks = nn.Sequential(*up)
-        self.out_block = nn.Sequential(
-            nn.Conv2d(c_levels[0], cfg.out_channels * f * f, 1), nn.PixelShuffle(f)
-        )
+        self.out_block = nn.Sequential(nn.Conv2d(c_levels[0], cfg.out_channels * f * f, 1), nn.PixelShuffle(f))
 
     def encode(self, images: Tensor) -> Tensor:
         """Images in [0, 1] (B, 3, H, W) → unquantised latents (B, 4, H/4, W/4)."""

@@ -104,9 +104,7 @@ class StageB(nn.Module):
         for i in range(levels):
             level = nn.ModuleList()
             if i > 0:
-                level.append(
-                    nn.Sequential(ChannelNorm(), nn.Conv2d(cfg.c_hidden[i - 1], cfg.c_hidden[i], 2, stride=2))
-                )
+                level.append(nn.Sequential(ChannelNorm(), nn.Conv2d(cfg.c_hidden[i - 1], cfg.c_hidden[i], 2, stride=2)))
             effnet_skip = cfg.c_cond if cfg.inject_effnet[i] else 0
             for _ in range(cfg.blocks[i]):
                 for kind in cfg.level_config[i]:
@@ -124,9 +122,7 @@ class StageB(nn.Module):
                     level.append(block(kind, i, c_skip))
             if i > 0:
                 level.append(
-                    nn.Sequential(
-                        ChannelNorm(), nn.ConvTranspose2d(cfg.c_hidden[i], cfg.c_hidden[i - 1], 2, stride=2)
-                    )
+                    nn.Sequential(ChannelNorm(), nn.ConvTranspose2d(cfg.c_hidden[i], cfg.c_hidden[i - 1], 2, stride=2))
                 )
             self.up_blocks.append(level)
         self.clf = nn.Sequential(
@@ -158,9 +154,7 @@ class StageB(nn.Module):
                 mapped.append(None)
                 continue
             # Bicubic with antialias, in float32 (the official decoder does it so).
-            e = F.interpolate(
-                effnet.float(), size=level_size, mode="bicubic", antialias=True, align_corners=True
-            )
+            e = F.interpolate(effnet.float(), size=level_size, mode="bicubic", antialias=True, align_corners=True)
             mapped.append(to_channels_last(mapper(e.to(effnet.dtype))))
         return StageBCondition(kv=kv, effnet=mapped)
 

@@ -96,11 +96,9 @@ def encode_prompts(
     if plain:
         # No weights: tokenize the (bracket-free) text as a whole, exactly as the reference does.
         texts = ["".join(t for t, _ in runs) for runs in parsed]
-        batch = tokenizer(
-            texts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt"
-        )
+        batch = tokenizer(texts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
         full = tokenizer(texts, add_special_tokens=True)["input_ids"]
-        for text, ids in zip(texts, full, strict=True):
+        for ids in full:
             if len(ids) > max_len:
                 cut = tokenizer.decode(ids[max_len - 1 : -1])
                 logger.warning(

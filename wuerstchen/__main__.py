@@ -1,0 +1,5 @@
+"""`python -m wuerstchen ...` is the `wuerstchen` command."""
+
+from .cli import main
+
+main()

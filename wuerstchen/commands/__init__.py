@@ -1,0 +1,1 @@
+"""One module per `wuerstchen` subcommand: each has `add_arguments(parser)` and `run(args)`."""
