@@ -1,0 +1,1 @@
+"""Training: data, one shared loop, stage-specific losses, LoRA."""
