@@ -200,11 +200,16 @@ class WuerstchenPipeline:
             finally:
                 module.to("cpu")
             return
+        def load(m: nn.Module, _args: Any) -> None:
+            m.to(self._device)
+
+        def unload(m: nn.Module, _args: Any, _out: Any) -> None:
+            m.to("cpu")
+
         hooks = []
         for leaf in module.modules():
-            if any(True for _ in leaf.parameters(recurse=False)) or any(True for _ in leaf.buffers(recurse=False)):
-                hooks.append(leaf.register_forward_pre_hook(lambda m, _a: m.to(self._device)))
-                hooks.append(leaf.register_forward_hook(lambda m, _a, _o: m.to("cpu")))
+            if next(leaf.parameters(recurse=False), None) is not None or next(leaf.buffers(recurse=False), None) is not None:
+                hooks += [leaf.register_forward_pre_hook(load), leaf.register_forward_hook(unload)]
         try:
             yield fn
         finally:

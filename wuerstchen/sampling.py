@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-# The official v2 prior schedule: 20 steps over the noisy first third, 10 over the rest (diffusers
+# The official v2 prior schedule: 30 times (29 steps), 20 over the noisy first third (diffusers
 # exported it under this name; `from wuerstchen import DEFAULT_STAGE_C_TIMESTEPS` replaces that).
 DEFAULT_STAGE_C_TIMESTEPS: list[float] = [
     float(t) for t in list(np.linspace(1.0, 2 / 3, 20)) + list(np.linspace(2 / 3, 0.0, 11))[1:]

@@ -1,0 +1,174 @@
+"""Checkpoints: the official presets against diffusers' classes, strict loading, the original .pt
+files, `wuerstchen convert`, and folders written by `save_pretrained` loading in diffusers."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tiny import kwargs_of
+from wuerstchen import WuerstchenPipeline
+from wuerstchen.cli import main as cli_main
+from wuerstchen.io.checkpoint import WEIGHTS_NAME, load_model
+from wuerstchen.io.folders import resolve_folder
+from wuerstchen.models.semantic import SEMANTIC_PRESETS, SemanticCompressor
+from wuerstchen.models.stage_a import STAGE_A_PRESETS, StageA
+from wuerstchen.models.stage_b import STAGE_B_PRESETS, StageB
+from wuerstchen.models.stage_c import STAGE_C_PRESETS, StageC
+from wuerstchen.testing import randomize
+
+ARGS = dict(prompt="a red circle", height=128, width=128, prior_num_inference_steps=6, num_inference_steps=3)
+
+
+def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize(
+    "ours, theirs, params",
+    [
+        (StageC, "WuerstchenPrior", 993_636_896),  # ≈ 994M (REFERENCE.md)
+        (StageB, "WuerstchenDiffNeXt", 1_055_365_280),  # ≈ 1055M
+        (StageA, "PaellaVQModel", 18_406_894),  # ≈ 18.4M
+    ],
+)
+def test_official_presets_match_diffusers(ours, theirs, params):
+    import diffusers.pipelines.deprecated.wuerstchen as ref
+
+    config = {StageC: STAGE_C_PRESETS, StageB: STAGE_B_PRESETS, StageA: STAGE_A_PRESETS}[ours]["official-v2"]
+    with torch.device("meta"):
+        model = ours(config)
+        reference = getattr(ref, theirs)(**kwargs_of(config))
+    assert _shapes(model) == _shapes(reference)
+    assert sum(p.numel() for p in model.parameters()) == params == sum(p.numel() for p in reference.parameters())
+
+
+def test_strict_loading_names_the_bad_tensor(tiny_folder, tmp_path):
+    folder = tmp_path / "prior"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_folder / "prior_prior" / "config.json").read_text())
+    state = load_file(tiny_folder / "prior_prior" / WEIGHTS_NAME)
+    state.pop("projection.weight")
+    state["extra.weight"] = torch.zeros(1)
+    state["out.1.bias"] = torch.zeros(3)
+    save_file(state, folder / WEIGHTS_NAME)
+    with pytest.raises(ValueError) as err:
+        load_model(StageC, folder)
+    msg = str(err.value)
+    assert "projection.weight" in msg and "extra.weight" in msg and "out.1.bias" in msg
+
+
+def test_truncated_checkpoint_is_a_clear_error(tiny_folder, tmp_path):
+    folder = tmp_path / "vqgan"
+    folder.mkdir()
+    (folder / "config.json").write_text((tiny_folder / "vqgan" / "config.json").read_text())
+    data = (tiny_folder / "vqgan" / WEIGHTS_NAME).read_bytes()
+    (folder / WEIGHTS_NAME).write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_model(StageA, folder)
+
+
+def test_meta_loading_shares_memory_with_the_file(tiny_folder):
+    model = load_model(StageC, tiny_folder / "prior_prior")
+    assert all(p.device.type == "cpu" for p in model.parameters())
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_hub_id_offline_says_what_to_do(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))
+    with pytest.raises(OSError, match="huggingface-cli download nobody/no-such-model"):
+        resolve_folder("nobody/no-such-model")
+    with pytest.raises(FileNotFoundError):
+        resolve_folder(tmp_path / "missing")
+
+
+def test_save_pretrained_loads_in_diffusers(tiny_folder, tmp_path):
+    from diffusers import DDPMWuerstchenScheduler, WuerstchenCombinedPipeline
+    from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    ours = WuerstchenPipeline.from_pretrained(tiny_folder)
+    ours.save_pretrained(tmp_path / "saved")
+    f = tmp_path / "saved"
+    ref = WuerstchenCombinedPipeline(
+        prior_prior=WuerstchenPrior.from_pretrained(f / "prior_prior"),
+        prior_text_encoder=CLIPTextModel.from_pretrained(f / "prior_text_encoder"),
+        prior_tokenizer=CLIPTokenizer.from_pretrained(f / "prior_tokenizer"),
+        prior_scheduler=DDPMWuerstchenScheduler.from_pretrained(f / "prior_scheduler"),
+        decoder=WuerstchenDiffNeXt.from_pretrained(f / "decoder"),
+        text_encoder=CLIPTextModel.from_pretrained(f / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(f / "tokenizer"),
+        scheduler=DDPMWuerstchenScheduler.from_pretrained(f / "scheduler"),
+        vqgan=PaellaVQModel.from_pretrained(f / "vqgan"),
+    )
+    ref.set_progress_bar_config(disable=True)
+    want = ref(**ARGS, generator=torch.Generator().manual_seed(3), output_type="pt").images
+    got = ours(**ARGS, generator=torch.Generator().manual_seed(3), output_type="pt").images
+    assert (got - want).abs().max() <= 1e-4
+    # ... and the folder loads back into ours, giving the same image.
+    again = WuerstchenPipeline.from_pretrained(f)(**ARGS, generator=torch.Generator().manual_seed(3), output_type="pt")
+    assert (again.images - got).abs().max() <= 1e-5
+
+
+def _to_original_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of our conversion, written independently: q/k/v → nn.MultiheadAttention."""
+    out = {}
+    for key, value in state.items():
+        if ".attention.to_q." in key:
+            kind = key.rsplit(".", 1)[1]
+            base = key.split(".attention.to_q.")[0]
+            parts = [state[f"{base}.attention.to_{n}.{kind}"] for n in "qkv"]
+            out[f"{base}.attention.attn.in_proj_{kind}"] = torch.cat(parts)
+        elif ".attention.to_k." in key or ".attention.to_v." in key:
+            continue
+        elif ".attention.to_out.0." in key:
+            out[key.replace(".attention.to_out.0.", ".attention.attn.out_proj.")] = value
+        else:
+            out[key] = value
+    return out
+
+
+def test_original_checkpoints_and_convert(tiny_folder, tmp_path):
+    ours = WuerstchenPipeline.from_pretrained(tiny_folder)
+    semantic = randomize(SemanticCompressor(SEMANTIC_PRESETS["tiny"]), 9)
+    torch.save(
+        {"state_dict": {k.replace("embedding.weight", "codebook.weight") if k.startswith("vquantizer") else k: v
+                        for k, v in ours.vqgan.state_dict().items()}},
+        tmp_path / "vqgan_f4_v1_500k.pt",
+    )  # fmt: skip
+    torch.save(
+        {"state_dict": _to_original_keys(ours.decoder.state_dict()), "effnet_state_dict": semantic.state_dict()},
+        tmp_path / "model_v2_stage_b.pt",
+    )
+    torch.save(
+        {"ema_state_dict": _to_original_keys(ours.prior.state_dict()), "optimizer": {}},
+        tmp_path / "model_v2_stage_c.pt",
+    )
+    for name in ("text_encoder", "tokenizer"):
+        getattr(ours, f"prior_{name}").save_pretrained(tmp_path / "clip-prior")
+        getattr(ours, name).save_pretrained(tmp_path / "clip-decoder")
+    with pytest.raises(SystemExit) as done:
+        cli_main([
+            "convert", str(tmp_path / "converted"), "--preset", "tiny",
+            "--stage-a", str(tmp_path / "vqgan_f4_v1_500k.pt"),
+            "--stage-b", str(tmp_path / "model_v2_stage_b.pt"),
+            "--stage-c", str(tmp_path / "model_v2_stage_c.pt"),
+            "--prior-text-encoder", str(tmp_path / "clip-prior"),
+            "--text-encoder", str(tmp_path / "clip-decoder"),
+        ])  # fmt: skip
+    assert done.value.code == 0
+    converted = WuerstchenPipeline.from_pretrained(tmp_path / "converted")
+    want = ours(**ARGS, seed=5, output_type="pt").images
+    assert (converted(**ARGS, seed=5, output_type="pt").images - want).abs().max() <= 1e-5
+    for name, model in (("prior", converted.prior), ("decoder", converted.decoder), ("vqgan", converted.vqgan)):
+        reference = getattr(ours, name).state_dict()
+        assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items()), name
+    assert all(torch.equal(v, semantic.state_dict()[k]) for k, v in converted.semantic.state_dict().items())
+    assert dataclasses.asdict(converted.semantic.config) == dataclasses.asdict(SEMANTIC_PRESETS["tiny"])

@@ -1,0 +1,175 @@
+"""Pipeline behaviour on our own tiny random model: input checks, precision, offload, prompt
+weighting, the stages run apart."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from wuerstchen import WuerstchenPipeline
+from wuerstchen.models.text import encode_prompts, parse_weights
+
+FAST = dict(height=128, width=128, prior_num_inference_steps=4, num_inference_steps=2, output_type="pt")
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_folder):
+    return WuerstchenPipeline.from_pretrained(tiny_folder)
+
+
+def test_size_not_on_the_step_is_snapped_down_with_a_warning(pipe, caplog):
+    assert pipe.size_step == 128
+    with caplog.at_level(logging.WARNING):
+        images = pipe("a red circle", **{**FAST, "height": 200, "width": 300}, seed=0).images
+    assert images.shape == (1, 3, 128, 256)
+    assert "not a multiple of 128" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "bad, error",
+    [
+        (dict(height=100), "too small"),
+        (dict(width=0), "too small"),
+        (dict(prior_num_inference_steps=0), "steps"),
+        (dict(num_inference_steps=-1), "steps"),
+        (dict(num_images_per_prompt=0), "num_images_per_prompt"),
+        (dict(prior_timesteps=[0.0, 1.0]), "decreasing"),
+        (dict(output_type="jpeg"), "output_type"),
+        (dict(negative_prompt=["a", "b"]), "negative prompts"),
+    ],
+)
+def test_bad_input_is_a_clear_error(pipe, bad, error):
+    with pytest.raises(ValueError, match=error):
+        pipe("a red circle", **{**FAST, **bad}, seed=0)
+
+
+def test_wrong_types_are_refused(pipe):
+    with pytest.raises(TypeError):
+        pipe(42, **FAST)
+    with pytest.raises(TypeError):
+        pipe("a", **{**FAST, "height": 128.0})
+
+
+def test_guidance_at_most_one_turns_cfg_off(pipe):
+    calls = []
+    pipe.prior.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    try:
+        off = pipe("a red circle", prior_guidance_scale=1.0, seed=3, **FAST).images
+        zero = pipe("a red circle", prior_guidance_scale=0.0, seed=3, **FAST).images
+        assert set(calls) == {1}  # one pass per step, no unconditional half
+        calls.clear()
+        on = pipe("a red circle", prior_guidance_scale=4.0, seed=3, **FAST).images
+        assert set(calls) == {2}  # CFG: conditional and unconditional in one batched pass
+    finally:
+        pipe.prior._forward_hooks.clear()
+    assert torch.equal(off, zero)
+    assert (on - off).abs().max() > 1e-3
+
+
+def test_empty_prompt_is_unconditional(pipe):
+    images = pipe("", seed=1, **FAST).images
+    assert images.shape == (1, 3, 128, 128) and torch.isfinite(images).all()
+    assert torch.equal(pipe(None, seed=1, **FAST).images, images)
+
+
+def test_output_types(pipe):
+    pil = pipe("a", seed=0, **{**FAST, "output_type": "pil"}).images
+    assert pil[0].size == (128, 128) and pil[0].mode == "RGB"
+    arr = pipe("a", seed=0, **{**FAST, "output_type": "np"}).images
+    assert arr.shape == (1, 128, 128, 3) and 0 <= arr.min() and arr.max() <= 1
+    lat = pipe("a", seed=0, **{**FAST, "output_type": "latent"}).images
+    assert lat.shape == (1, 4, 32, 32)
+    assert isinstance(pipe("a", seed=0, return_dict=False, **FAST), tuple)
+
+
+def test_prior_only_and_decoder_only(pipe, tiny_folder):
+    prior = pipe.generate_prior("a red circle", num_inference_steps=4, seed=2)
+    images = pipe.decode(prior.image_embeddings, "a red circle", num_inference_steps=2, generator=prior.generator,
+                         output_type="pt").images  # fmt: skip
+    assert torch.equal(images, pipe("a red circle", seed=2, **FAST).images)
+    # A folder without the prior loads as a decoder-only pipeline.
+    decoder_only = WuerstchenPipeline(None, None, None, pipe.decoder, pipe.text_encoder, pipe.tokenizer, pipe.vqgan)
+    with pytest.raises(ValueError, match="no prior"):
+        decoder_only("a red circle", **FAST)
+    assert decoder_only.decode(prior.image_embeddings, "x", num_inference_steps=2).images[0].size == (128, 128)
+
+
+def test_callback_on_step_end_can_replace_latents(pipe):
+    seen = []
+
+    def callback(_pipe, i, t, kwargs):
+        seen.append((i, float(t)))
+        return {"latents": torch.zeros_like(kwargs["latents"])}
+
+    pipe("a", seed=0, prior_callback_on_step_end=callback, **FAST)
+    assert [i for i, _ in seen] == [0, 1, 2, 3] and seen[0][1] == 1.0
+
+
+def test_bfloat16_runs_end_to_end_close_to_float32(tiny_folder):
+    # Deterministic DDIM and a fixed seed; bfloat16 keeps 8 bits of mantissa, so the images may
+    # differ by a few percent of the range: mean abs difference ≤ 0.03 (images in [0, 1]).
+    f32 = WuerstchenPipeline.from_pretrained(tiny_folder)
+    bf16 = WuerstchenPipeline.from_pretrained(tiny_folder, torch_dtype=torch.bfloat16)
+    assert bf16.prior.projection.weight.dtype == torch.bfloat16
+    args = dict(FAST, prior_num_inference_steps=10, sampler="ddim")
+    a = f32("a red circle", seed=4, **args).images
+    b = bf16("a red circle", seed=4, **args).images
+    assert b.dtype == torch.float32 and torch.isfinite(b).all()
+    assert (a - b).abs().mean() <= 0.03
+
+
+def test_float16_overflow_is_detected(tiny_folder):
+    pipe = WuerstchenPipeline.from_pretrained(tiny_folder, torch_dtype=torch.float16)
+    with torch.no_grad():
+        pipe.prior.projection.weight.mul_(1e4)  # provoke the overflow the official weights show
+    with pytest.raises(FloatingPointError, match="bfloat16"):
+        pipe("a red circle", seed=0, **FAST)
+
+
+@pytest.mark.parametrize("kind", ["model", "sequential"])
+def test_offload_gives_the_same_image(tiny_folder, pipe, kind):
+    offloaded = WuerstchenPipeline.from_pretrained(tiny_folder)
+    getattr(offloaded, f"enable_{kind}_cpu_offload")("cpu")
+    assert torch.equal(offloaded("a red circle", seed=6, **FAST).images, pipe("a red circle", seed=6, **FAST).images)
+
+
+def test_parse_weights():
+    assert parse_weights("a (red:1.5) circle") == [("a ", 1.0), ("red", 1.5), (" circle", 1.0)]
+    assert parse_weights("(big) [dim] \\(literal\\)") == [("big", 1.1), (" ", 1.0), ("dim", 1 / 1.1),
+                                                          (" (literal)", 1.0)]  # fmt: skip
+    assert parse_weights("((nested:2))") == [("nested", 2 * 1.1)]
+    assert parse_weights("plain text") == [("plain text", 1.0)]
+
+
+def test_weight_one_is_exactly_unweighted(pipe):
+    a = pipe("a (red:1.0) circle", seed=8, **FAST).images
+    b = pipe("a red circle", seed=8, **FAST).images
+    assert torch.equal(a, b)
+
+
+def test_larger_weight_scales_the_weighted_tokens(pipe):
+    tok, enc = pipe.prior_tokenizer, pipe.prior_text_encoder
+    plain = encode_prompts(tok, enc, ["a red circle"], "cpu")
+    weighted = encode_prompts(tok, enc, ["a (red:1.5) circle"], "cpu")
+    ratio = weighted / plain  # = weight · k, k restoring the mean of the whole sequence
+    red = slice(2, 5)  # BOS, "a</w>", then "r", "e", "d</w>" with the character tokenizer
+    k = ratio[0, 5:].median()
+    assert torch.allclose(ratio[0, red] / k, torch.full_like(ratio[0, red], 1.5), rtol=1e-3)
+    assert torch.allclose(ratio[0, 5:] / k, torch.ones_like(ratio[0, 5:]), rtol=1e-3)
+    assert torch.allclose(weighted.mean(), plain.mean(), rtol=1e-4)
+
+
+def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
+    with caplog.at_level(logging.WARNING):
+        pipe.encode_prompt("prior", ["x" * 200], None, False, 1)
+    assert "prompt truncated: 125 of 200 tokens cut" in caplog.text
+
+
+def test_compel_style_embeds(pipe):
+    embeds = pipe.encode_prompt("prior", ["a red circle"], None, False, 1)
+    dec = pipe.encode_prompt("decoder", ["a red circle"], None, False, 1)
+    a = pipe(prompt_embeds=embeds, decoder_prompt_embeds=dec, seed=2, **FAST).images
+    b = pipe("a red circle", seed=2, **FAST).images
+    assert torch.equal(a, b)
