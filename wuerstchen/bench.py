@@ -1,0 +1,297 @@
+"""Inference benchmark: our pipeline against diffusers' deprecated Würstchen pipeline on the same
+weights, prompt and generator, alternating in one run.
+
+    wuerstchen bench                       # medium config, 512×512, CPU
+    wuerstchen bench --size 1024 --repeats 1 --official   # also the official-size config, bf16
+
+The "medium" config is about a third of the official widths (prior c 512, depth 8, 8 heads;
+decoder c_hidden 96/192/384/384, blocks 2/2/6/2; VQGAN 192 hidden, 6 bottleneck blocks) with random
+weights and CLIP text towers of the official widths (1280 / 1024, 2 layers, a character
+vocabulary). Everything printed is measured in this run: seconds and steps/s per stage, achieved
+GFLOP/s (FLOPs from torch's FLOP counter, counted per implementation: ours does less work, e.g.
+the text part of K/V once per generation), peak memory and load time (each in a fresh subprocess),
+and the outputs' differences. It needs diffusers installed (the reference; `pip install -e .[test]`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from .pipeline import WuerstchenPipeline
+from .sampling import DEFAULT_STAGE_C_TIMESTEPS
+
+PROMPT = "a red circle above a blue square"
+STAGES = ("prior", "decoder", "vqgan")
+
+
+def load_reference(folder: Path, dtype: torch.dtype = torch.float32):
+    """diffusers' combined pipeline from the component folders we wrote (its own `from_pretrained`
+    of the whole folder no longer resolves the deprecated classes)."""
+    from diffusers import DDPMWuerstchenScheduler, WuerstchenCombinedPipeline
+    from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    def model(cls, name):
+        return cls.from_pretrained(folder / name, torch_dtype=dtype)
+
+    ref = WuerstchenCombinedPipeline(
+        prior_prior=model(WuerstchenPrior, "prior_prior"),
+        prior_text_encoder=CLIPTextModel.from_pretrained(folder / "prior_text_encoder", dtype=dtype),
+        prior_tokenizer=CLIPTokenizer.from_pretrained(folder / "prior_tokenizer"),
+        prior_scheduler=DDPMWuerstchenScheduler.from_pretrained(folder / "prior_scheduler"),
+        decoder=model(WuerstchenDiffNeXt, "decoder"),
+        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        scheduler=DDPMWuerstchenScheduler.from_pretrained(folder / "scheduler"),
+        vqgan=model(PaellaVQModel, "vqgan"),
+    )
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+def stage_runners(impl: str, pipe: Any, size: int, prior_times: list[float], decoder_steps: int) -> list[Callable]:
+    """Three callables run in order (prior → decoder latents → image); each takes the previous
+    stage's output and a shared generator."""
+    if impl == "diffusers":
+        return [
+            lambda _, g: pipe.prior_pipe(
+                PROMPT, height=size, width=size, timesteps=prior_times, guidance_scale=4.0, generator=g,
+                output_type="pt",
+            ).image_embeddings,
+            lambda emb, g: pipe.decoder_pipe(
+                emb, PROMPT, num_inference_steps=decoder_steps, generator=g, output_type="latent"
+            ).images,
+            lambda lat, g: pipe.vqgan.decode(lat * pipe.vqgan.config.scale_factor).sample.clamp(0, 1),
+        ]  # fmt: skip
+    return [
+        lambda _, g: (
+            pipe.generate_prior(
+                PROMPT, height=size, width=size, timesteps=prior_times, guidance_scale=4.0, generator=g
+            ).image_embeddings
+        ),
+        lambda emb, g: (
+            pipe.decode(emb, PROMPT, num_inference_steps=decoder_steps, generator=g, output_type="latent").images
+        ),
+        lambda lat, g: pipe.vqgan.decode_latents(lat.to(pipe.vqgan.out_block[0].weight.dtype)).float(),
+    ]
+
+
+@torch.no_grad()
+def run_once(runners: list[Callable], seed: int = 0) -> tuple[list[float], list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    x, seconds, outputs = None, [], []
+    for run in runners:
+        t0 = time.perf_counter()
+        x = run(x, g)
+        seconds.append(time.perf_counter() - t0)
+        outputs.append(x.float())
+    return seconds, outputs
+
+
+@torch.no_grad()
+def count_flops(impl: str, pipe: Any, size: int, prior_times: list[float], decoder_steps: int) -> list[float]:
+    """FLOPs per stage for the full schedule: counted with 1 and 2 steps and extrapolated (the
+    per-step work is constant; the difference separates it from the once-per-generation work)."""
+    per_k = []
+    for k in (1, 2):
+        times = [1.0 - i / k for i in range(k + 1)]
+        runners = stage_runners(impl, pipe, size, times, k)
+        flops, x, g = [], None, torch.Generator().manual_seed(0)
+        for run in runners:
+            with FlopCounterMode(display=False) as counter:
+                x = run(x, g)
+            flops.append(float(counter.get_total_flops()))
+        per_k.append(flops)
+    steps = [len(prior_times) - 1, decoder_steps, 1]
+    return [f1 + (n - 1) * (f2 - f1) if i < 2 else f1 for i, (f1, f2, n) in enumerate(zip(*per_k, steps, strict=True))]
+
+
+def _current_rss_kib() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
+
+
+def child_main(args: argparse.Namespace) -> None:
+    """In a fresh process: load one implementation, generate once, print load time and peak RSS."""
+    torch.set_num_threads(args.threads)
+    # Import what either side needs before the clock starts: load time is reading weights.
+    import transformers  # noqa: F401
+
+    if args.child.startswith("diffusers"):
+        import diffusers.pipelines.deprecated.wuerstchen  # noqa: F401
+    base = _current_rss_kib()
+    dtype = torch.bfloat16 if args.child.endswith("bf16") else torch.float32
+    t0 = time.perf_counter()
+    if args.child.startswith("diffusers"):
+        pipe = load_reference(Path(args.folder), dtype)
+    else:
+        pipe = WuerstchenPipeline.from_pretrained(args.folder, torch_dtype=dtype)
+    load = time.perf_counter() - t0
+    after_load = _current_rss_kib()
+    impl = "diffusers" if args.child.startswith("diffusers") else "ours"
+    run_once(stage_runners(impl, pipe, args.size, DEFAULT_STAGE_C_TIMESTEPS, args.decoder_steps))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    print(json.dumps({"load_s": load, "load_mib": (after_load - base) / 1024, "peak_mib": (peak - base) / 1024}))
+
+
+def measure_in_child(which: str, folder: Path, args: argparse.Namespace) -> dict[str, float]:
+    cmd = [sys.executable, "-m", "wuerstchen.bench", "--child", which, "--folder", str(folder), "--size",
+           str(args.size), "--decoder-steps", str(args.decoder_steps), "--threads", str(args.threads)]  # fmt: skip
+    out = subprocess.run(
+        cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def paper_flops() -> tuple[float, float]:
+    """FLOPs per 1024² image: Würstchen v2 (official configs: prior 29 steps with CFG, decoder 12
+    steps, VQGAN decode) and an SDXL UNet (50 steps with CFG), counted on the meta device."""
+    from .models.stage_a import STAGE_A_PRESETS, StageA
+    from .models.stage_b import STAGE_B_PRESETS, StageB
+    from .models.stage_c import STAGE_C_PRESETS, StageC
+
+    with torch.device("meta"):
+        prior, decoder = StageC(STAGE_C_PRESETS["official-v2"]), StageB(STAGE_B_PRESETS["official-v2"])
+        vqgan = StageA(STAGE_A_PRESETS["official-v2"])
+        r = torch.full((2,), 0.5)
+        with FlopCounterMode(display=False) as c_prior:
+            prior(torch.zeros(2, 16, 24, 24), r, torch.zeros(2, 77, 1280))
+        with FlopCounterMode(display=False) as c_decoder:
+            decoder(torch.zeros(1, 4, 256, 256), r[:1], torch.zeros(1, 16, 24, 24), torch.zeros(1, 77, 1024))
+        with FlopCounterMode(display=False) as c_vqgan:
+            vqgan.decode(torch.zeros(1, 4, 256, 256))
+    steps = len(DEFAULT_STAGE_C_TIMESTEPS) - 1
+    wuerstchen = steps * c_prior.get_total_flops() + 12 * c_decoder.get_total_flops() + c_vqgan.get_total_flops()
+    sdxl = 50 * sdxl_unet_flops()
+    return float(wuerstchen), float(sdxl)
+
+
+def sdxl_unet_flops() -> float:
+    """One CFG (batch 2) call of an SDXL UNet at 128×128 latents (diffusers' UNet, SDXL config)."""
+    from diffusers import UNet2DConditionModel
+
+    config = dict(
+        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+        block_out_channels=(320, 640, 1280), transformer_layers_per_block=(1, 2, 10),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    )  # fmt: skip
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+        cond = {"text_embeds": torch.zeros(2, 1280), "time_ids": torch.zeros(2, 6)}
+        with FlopCounterMode(display=False) as counter:
+            unet(
+                torch.zeros(2, 4, 128, 128), torch.tensor([500, 500]), torch.zeros(2, 77, 2048), added_cond_kwargs=cond
+            )
+    return float(counter.get_total_flops())
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.child:
+        child_main(args)
+        return 0
+    from .testing import random_pipeline
+
+    torch.set_num_threads(args.threads)
+    size, decoder_steps, times = args.size, args.decoder_steps, DEFAULT_STAGE_C_TIMESTEPS
+    print(f"# Würstchen inference benchmark: {args.preset} config, {size}×{size}, prior {len(times) - 1} steps "
+          f"(DEFAULT_STAGE_C_TIMESTEPS) CFG 4, decoder {decoder_steps} steps, {args.threads} threads, "
+          f"torch {torch.__version__}, device cpu")  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        random_pipeline(args.preset, seed=0).save_pretrained(folder)
+        impls = {
+            "diffusers fp32": load_reference(folder),
+            "ours fp32": WuerstchenPipeline.from_pretrained(folder),
+            "ours bf16": WuerstchenPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16),
+        }
+        runners = {
+            name: stage_runners("diffusers" if name.startswith("diffusers") else "ours", p, size, times, decoder_steps)
+            for name, p in impls.items()
+        }
+        results: dict[str, list[list[float]]] = {name: [] for name in impls}
+        outputs: dict[str, list[torch.Tensor]] = {}
+        for _ in range(args.warmup):
+            for name in impls:
+                run_once(runners[name])
+        for _ in range(args.repeats):  # alternate, so drift in the machine's speed hits all alike
+            for name in impls:
+                seconds, outputs[name] = run_once(runners[name])
+                results[name].append(seconds)
+        flops = {
+            name: count_flops("diffusers" if name.startswith("diffusers") else "ours", p, size, times, decoder_steps)
+            for name, p in impls.items()
+        }
+        memory = {name: measure_in_child(name.replace(" ", "-"), folder, args) for name in impls}
+
+    steps = [len(times) - 1, decoder_steps, 1]
+    best = {name: [min(r[i] for r in rs) for i in range(3)] for name, rs in results.items()}
+    print(f"\n{'implementation':16} {'stage':8} {'seconds':>8} {'steps/s':>8} {'GFLOP':>9} {'GFLOP/s':>8}")
+    for name in impls:
+        for i, stage in enumerate(STAGES):
+            s = best[name][i]
+            print(f"{name:16} {stage:8} {s:8.3f} {steps[i] / s:8.2f} {flops[name][i] / 1e9:9.1f} "
+                  f"{flops[name][i] / 1e9 / s:8.1f}")  # fmt: skip
+        total = sum(best[name])
+        print(f"{name:16} {'total':8} {total:8.3f} {'':8} {sum(flops[name]) / 1e9:9.1f} "
+              f"{sum(flops[name]) / 1e9 / total:8.1f}")  # fmt: skip
+    ref_total = sum(best["diffusers fp32"])
+    print("\nspeed-up against diffusers fp32 (best of the repeats, whole generation):")
+    for name in ("ours fp32", "ours bf16"):
+        per_stage = ", ".join(f"{st} {best['diffusers fp32'][i] / best[name][i]:.2f}×" for i, st in enumerate(STAGES))
+        print(f"  {name}: {ref_total / sum(best[name]):.2f}× ({per_stage})")
+    ref_img, ours_img = outputs["diffusers fp32"][2], outputs["ours fp32"][2]
+    print(f"\nmax |ours fp32 − diffusers fp32|: image {(ours_img - ref_img).abs().max():.2e}, "
+          f"prior latents {(outputs['ours fp32'][0] - outputs['diffusers fp32'][0]).abs().max():.2e}, "
+          f"decoder latents {(outputs['ours fp32'][1] - outputs['diffusers fp32'][1]).abs().max():.2e}")  # fmt: skip
+    a, b = outputs["ours fp32"][1], outputs["ours bf16"][1]
+    print(f"ours bf16 decoder latents vs ours fp32: mean relative error {(a - b).abs().mean() / a.abs().mean():.2%}")
+    print("\nfresh process each (load, then one generation): load s, weights MiB, peak RSS MiB above the baseline")
+    for name, m in memory.items():
+        print(
+            f"  {name:16} load {m['load_s']:6.2f} s   weights {m['load_mib']:7.0f} MiB   peak {m['peak_mib']:7.0f} MiB"
+        )
+    ref_m = memory["diffusers fp32"]
+    for name in ("ours fp32", "ours bf16"):
+        m = memory[name]
+        ratio = m["peak_mib"] / ref_m["peak_mib"] if ref_m["peak_mib"] > 0 else float("nan")
+        print(f"  {name} / diffusers fp32: load time {m['load_s'] / ref_m['load_s']:.2f}×, peak memory {ratio:.2f}×")
+    if args.paper:
+        w, sdxl = paper_flops()
+        print(f"\nFLOPs per 1024² image (torch's FLOP counter, official configs): Würstchen v2 {w / 1e12:.0f} TFLOP "
+              f"(prior 29 steps CFG + decoder 12 + VQGAN), SDXL UNet 50 steps CFG {sdxl / 1e12:.0f} TFLOP: "
+              f"{sdxl / w:.1f}× more")  # fmt: skip
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="medium", help="model config: medium (default) or tiny")
+    p.add_argument("--size", type=int, default=512, help="image side in pixels")
+    p.add_argument("--decoder-steps", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs of each implementation, alternating")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--paper", action="store_true", help="also count FLOPs per 1024² image: Würstchen v2 vs SDXL")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))
