@@ -59,28 +59,37 @@ def _prior_args(case: dict) -> dict:
 def test_same_latents_and_images(case, ours, reference):
     ref, _ = reference
     args = {**BASE, **CASES[case]}
-    # Prior latents.
-    want_prior = ref.prior_pipe(**_prior_args(args), generator=gen(), output_type="pt").image_embeddings
-    got_prior = ours.generate_prior(**_prior_args(args), generator=gen()).image_embeddings
-    assert got_prior.shape == want_prior.shape
-    assert (got_prior - want_prior).abs().max() <= TOL
-    # Decoder latents from the same semantic latents.
-    dec = dict(
-        prompt=args["prompt"],
-        num_inference_steps=args["num_inference_steps"],
-        guidance_scale=args.get("decoder_guidance_scale", 0.0),
-        negative_prompt=args.get("negative_prompt"),
-    )
-    want_lat = ref.decoder_pipe(want_prior, generator=gen(), output_type="latent", **dec).images
-    got_lat = ours.decode(want_prior, generator=gen(), output_type="latent", **dec).images
-    assert got_lat.shape == want_lat.shape
-    assert (got_lat - want_lat).abs().max() <= TOL
-    # Whole pipeline, images.
-    want = ref(**args, generator=gen(), output_type="pt").images
-    got = ours(**args, generator=gen(), output_type="pt").images
+    # The latents of each stage's last step, captured through each pipeline's step callbacks.
+    want_lat, got_lat = {}, {}
+
+    def capture(stage):
+        def callback(_pipe, _i, _t, kwargs):
+            want_lat[stage] = kwargs["latents"].clone()
+            return {}
+
+        return callback
+
+    def hook(stage, _step, _total, latents):
+        got_lat[stage] = latents.clone()
+
+    want = ref(**args, generator=gen(), output_type="pt", prior_callback_on_step_end=capture("prior"),
+               callback_on_step_end=capture("decoder")).images  # fmt: skip
+    got = ours(**args, generator=gen(), output_type="pt", step_hook=hook).images
+    # Prior latents as Stage B receives them (x · 42 − 1), decoder latents, images.
+    assert (got_lat["prior"] - want_lat["prior"]).abs().max() * 42 <= TOL
+    assert (got_lat["decoder"] - want_lat["decoder"]).abs().max() <= TOL
     assert got.shape == want.shape == (args.get("num_images_per_prompt", 1), 3, args["height"], args["width"])
     assert (got - want).abs().max() <= TOL
     assert want.std() > 0.05  # the images are not flat: the comparison means something
+
+
+def test_decoder_alone_matches(ours, reference):
+    ref, _ = reference
+    emb = torch.randn(2, 16, 3, 3, generator=gen()) * 20
+    dec = dict(prompt="a red circle", num_inference_steps=4, guidance_scale=2.0, negative_prompt="noise")
+    want = ref.decoder_pipe(emb, generator=gen(), output_type="latent", **dec).images
+    got = ours.decode(emb, generator=gen(), output_type="latent", **dec).images
+    assert (got - want).abs().max() <= TOL
 
 
 def test_several_prompts_match_reference_prior(ours, reference):

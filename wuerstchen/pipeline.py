@@ -151,6 +151,18 @@ class WuerstchenPipeline:
 
         save_pipeline(self, folder)
 
+    def load_lora_weights(self, path: str | Path, scale: float = 1.0, adapter_name: str = "default") -> None:
+        """Apply a LoRA file to the prior (see `wuerstchen.lora`); `unload_lora_weights` undoes it exactly."""
+        from .lora import load_lora_weights
+
+        load_lora_weights(self, path, scale, adapter_name)
+
+    def unload_lora_weights(self, adapter_name: str | None = None) -> None:
+        """Remove one LoRA (or all): the prior is the base model again, bit for bit."""
+        from .lora import unload_lora
+
+        unload_lora(self, adapter_name)
+
     # ----------------------------------------------------------------------------- devices
     def modules(self) -> dict[str, nn.Module]:
         names = ("prior", "prior_text_encoder", "decoder", "text_encoder", "vqgan", "semantic")
