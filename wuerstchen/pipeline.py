@@ -220,7 +220,8 @@ class WuerstchenPipeline:
 
         hooks = []
         for leaf in module.modules():
-            if next(leaf.parameters(recurse=False), None) is not None or next(leaf.buffers(recurse=False), None) is not None:
+            own = [*leaf.parameters(recurse=False), *leaf.buffers(recurse=False)]
+            if own:
                 hooks += [leaf.register_forward_pre_hook(load), leaf.register_forward_hook(unload)]
         try:
             yield fn
