@@ -1,10 +1,27 @@
 """Würstchen: a three-stage text-to-image cascade (prior → decoder → VQGAN).
 
-from wuerstchen import DEFAULT_STAGE_C_TIMESTEPS, WuerstchenPipeline
+    from wuerstchen import DEFAULT_STAGE_C_TIMESTEPS, WuerstchenPipeline
+
+The names below are imported on first use, so `import wuerstchen` (and `wuerstchen --help`) does
+not pay for importing torch.
 """
 
-from .pipeline import PipelineSettings, WuerstchenPipeline, WuerstchenPipelineOutput
-from .sampling import DEFAULT_STAGE_C_TIMESTEPS
+from typing import Any
 
 __all__ = ["DEFAULT_STAGE_C_TIMESTEPS", "PipelineSettings", "WuerstchenPipeline", "WuerstchenPipelineOutput"]
 __version__ = "0.1.0"
+
+_HOME = {
+    "DEFAULT_STAGE_C_TIMESTEPS": "sampling",
+    "PipelineSettings": "pipeline",
+    "WuerstchenPipeline": "pipeline",
+    "WuerstchenPipelineOutput": "pipeline",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HOME:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    raise AttributeError(f"module 'wuerstchen' has no attribute {name!r}")

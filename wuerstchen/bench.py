@@ -202,6 +202,8 @@ def sdxl_unet_flops() -> float:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.threads is None:
+        args.threads = torch.get_num_threads()
     if args.child:
         child_main(args)
         return 0
@@ -279,19 +281,9 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="medium", help="model config: medium (default) or tiny")
-    p.add_argument("--size", type=int, default=512, help="image side in pixels")
-    p.add_argument("--decoder-steps", type=int, default=12)
-    p.add_argument("--repeats", type=int, default=2, help="timed runs of each implementation, alternating")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
-    p.add_argument("--paper", action="store_true", help="also count FLOPs per 1024² image: Würstchen v2 vs SDXL")
-    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
-    p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
-
-
 if __name__ == "__main__":
+    from .commands.bench import add_arguments
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     sys.exit(main(parser.parse_args()))

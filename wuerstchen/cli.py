@@ -40,7 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
             if e.name != f"wuerstchen.commands.{module}":
                 raise
             continue  # a command whose module is not part of this install
-        p = sub.add_parser(name, help=help_text, description=(mod.__doc__ or help_text).strip())
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=(mod.__doc__ or help_text).strip(),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         mod.add_arguments(p)
         p.set_defaults(run=mod.run)
     return parser

@@ -4,11 +4,22 @@ wuerstchen bench                     # medium config, 512×512, CPU
 wuerstchen bench --paper             # also FLOPs per 1024² image: Würstchen v2 vs SDXL
 """
 
-from ..bench import add_arguments, main
+import argparse
 
 
-def run(args) -> int:
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="medium", help="model config: medium (default) or tiny")
+    p.add_argument("--size", type=int, default=512, help="image side in pixels")
+    p.add_argument("--decoder-steps", type=int, default=12)
+    p.add_argument("--repeats", type=int, default=2, help="timed runs of each implementation, alternating")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--paper", action="store_true", help="also count FLOPs per 1024² image: Würstchen v2 vs SDXL")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..bench import main
+
     return main(args)
-
-
-__all__ = ["add_arguments", "run"]

@@ -4,24 +4,23 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+# torch is imported inside the functions: building the parser (`--help`) should not pay for it.
+if TYPE_CHECKING:
+    import torch
 
-from ..pipeline import WuerstchenPipeline
+    from ..pipeline import WuerstchenPipeline
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+          "float16": "float16", "fp16": "float16"}  # fmt: skip
 
 
 def parse_dtype(name: str) -> torch.dtype:
+    import torch
+
     try:
-        return DTYPES[name.lower()]
+        return getattr(torch, DTYPES[name.lower()])
     except KeyError:
         raise ValueError(f"unknown dtype {name!r}: use float32 or bfloat16") from None
 
@@ -32,6 +31,8 @@ def shipped_model() -> Path:
 
 
 def default_device() -> str:
+    import torch
+
     if torch.cuda.is_available():
         return "cuda"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -54,6 +55,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_from_args(args: argparse.Namespace) -> WuerstchenPipeline:
+    from ..pipeline import WuerstchenPipeline
+
     model = args.model
     if model is None:
         model = shipped_model()

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import argparse
 
-from ..io.original import OFFICIAL_DECODER_TEXT, OFFICIAL_PRIOR_TEXT, convert_original_files
 from .common import parse_dtype
+
+# The CLIP text towers the official stages were trained with (hub ids; tokenizer in the same repo).
+OFFICIAL_PRIOR_TEXT = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
+OFFICIAL_DECODER_TEXT = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io.original import convert_original_files
+
     out = convert_original_files(
         args.output,
         stage_a=args.stage_a,

@@ -22,9 +22,6 @@ from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 from tqdm import tqdm
 
-from ..io.checkpoint import atomic_path
-from ..sampling import DEFAULT_STAGE_C_TIMESTEPS
-from ..sampling import timesteps as even_timesteps
 from .common import add_model_arguments, load_from_args
 
 METADATA_KEY = "wuerstchen"
@@ -90,6 +87,8 @@ def save_png(image: Image.Image, path: Path, params: dict[str, Any]) -> None:
     info = PngInfo()
     info.add_text("parameters", a1111_parameters(params))
     info.add_text(METADATA_KEY, json.dumps(params))
+    from ..io.checkpoint import atomic_path
+
     with atomic_path(path) as tmp:
         image.save(tmp, format="PNG", pnginfo=info)
 
@@ -99,6 +98,9 @@ def _slug(text: str) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..sampling import DEFAULT_STAGE_C_TIMESTEPS
+    from ..sampling import timesteps as even_timesteps
+
     if args.from_png:
         saved = read_png_parameters(args.from_png)
         jobs = [saved]

@@ -81,18 +81,13 @@ def load_original_stage_a(
     return build_from_state(StageA, config, state, str(path), dtype)
 
 
-# The CLIP text towers the official stages were trained with (hub ids; tokenizer in the same repo).
-OFFICIAL_PRIOR_TEXT = "laion/CLIP-ViT-bigG-14-laion2B-39B-b160k"
-OFFICIAL_DECODER_TEXT = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-
-
 def convert_original_files(
     out: str | Path,
     stage_a: str | Path,
     stage_b: str | Path,
     stage_c: str | Path,
-    prior_text_encoder: str | Path = OFFICIAL_PRIOR_TEXT,
-    text_encoder: str | Path = OFFICIAL_DECODER_TEXT,
+    prior_text_encoder: str | Path,
+    text_encoder: str | Path,
     preset: str = "official-v2",
     dtype: torch.dtype | None = None,
 ) -> Path:

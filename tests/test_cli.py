@@ -1,0 +1,93 @@
+"""The `wuerstchen` command as a user runs it (subprocesses): every command's --help, `generate`
+writing PNGs that `--from-png` remakes pixel for pixel, and user mistakes as one line + exit 2.
+
+    pytest tests/test_cli.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from wuerstchen.cli import build_parser
+
+
+def wuerstchen(*args: str | Path) -> subprocess.Popen:
+    """Start `python -m wuerstchen ARGS`; several run at once (each pays ~3 s of imports)."""
+    cmd = [sys.executable, "-m", "wuerstchen", *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=180)
+    return proc.returncode, out, err
+
+
+def commands() -> list[str]:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return list(sub.choices)
+
+
+def test_help_of_every_command() -> None:
+    names = commands()
+    assert {"generate", "serve"} <= set(names)
+    procs = {name: wuerstchen(*name.split(), "--help") for name in ["", *names]}
+    for name, proc in procs.items():
+        code, out, err = finish(proc)
+        assert code == 0, f"wuerstchen {name} --help: {err}"
+        assert out.startswith("usage: wuerstchen") and not err, (name, err)
+
+
+def test_generate_and_from_png_make_the_same_image(tiny_folder: Path, tmp_path: Path) -> None:
+    first, again = tmp_path / "first", tmp_path / "again"
+    fast = ["--prior-steps", "2", "--decoder-steps", "2", "--quiet", "--model", str(tiny_folder)]
+    argv = ["generate", "a red circle", "-n", "2", "--seed", "7", "--output-dir", str(first), *fast]
+    code, out, err = finish(wuerstchen(*argv))
+    assert code == 0, err
+    paths = [Path(line) for line in out.splitlines()]
+    assert [p.name for p in paths] == ["00000-7.png", "00001-8.png"] and all(p.exists() for p in paths)
+    with Image.open(paths[1]) as im:
+        params = json.loads(im.text["wuerstchen"])
+        original = np.asarray(im.convert("RGB"))
+    assert params["seed"] == 8 and params["prompt"] == "a red circle" and im.size == (128, 128)
+
+    code, out, err = finish(wuerstchen("generate", "--from-png", paths[1], "--output-dir", again, "--quiet"))
+    assert code == 0, err
+    with Image.open(out.strip()) as im:
+        assert np.array_equal(np.asarray(im.convert("RGB")), original)
+        assert json.loads(im.text["wuerstchen"]) == params
+
+
+def test_user_mistakes_are_one_line_and_exit_2(tiny_folder: Path, tmp_path: Path) -> None:
+    mistakes = {
+        "missing model": ("generate", "a cat", "--model", tmp_path / "no-such-model"),
+        "height too small": ("generate", "a cat", "--model", tiny_folder, "--height", "64", "--quiet"),
+        "no images": ("generate", "a cat", "-n", "0", "--model", tiny_folder),
+    }
+    with socket.socket() as busy:  # `serve` binds before it loads the model, so a busy port fails at once
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        mistakes["busy port"] = ("serve", "--model", tiny_folder, "--port", str(busy.getsockname()[1]))
+        procs = {name: wuerstchen(*args) for name, args in mistakes.items()}  # all at once: ~3 s of imports each
+        results = {name: finish(proc) for name, proc in procs.items()}
+    for name, (code, _, err) in results.items():
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1, f"{name}: exit {code}, stderr:\n{err}"
+        assert lines[0].startswith(f"wuerstchen {mistakes[name][0]}: error: "), lines[0]
+    assert "no-such-model" in results["missing model"][2]
+    assert "at least 128 px" in results["height too small"][2]
+    assert "cannot listen on 127.0.0.1" in results["busy port"][2]
+
+
+@pytest.mark.parametrize("argv", [["serve", "--max-side", "512"], ["serve", "--host", "0.0.0.0", "--port", "8000"]])
+def test_serve_parses_its_options(argv: list[str]) -> None:
+    args = build_parser().parse_args(argv)
+    assert args.run.__module__ == "wuerstchen.commands.serve" and args.max_images == 8 and args.offload == "none"

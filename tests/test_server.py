@@ -1,0 +1,297 @@
+"""`wuerstchen serve` as a real process over HTTP: the openai client, the native job API, limits,
+the queue, cancel, Server-Sent Events and PNG metadata, on the tiny random model (native 128 px).
+
+    pytest tests/test_server.py
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+FAST = {"prior_steps": 2, "decoder_steps": 2}  # enough to exercise every stage; a request takes < 1 s
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serve(model: Path, *flags: str, log: Path | None = None) -> Iterator[str]:
+    """Run `python -m wuerstchen serve` until /health answers; yield its base URL; stop it."""
+    port = free_port()
+    log = log or model.parent / f"serve-{port}.log"
+    with open(log, "wb") as err:
+        cmd = [sys.executable, "-m", "wuerstchen", "serve", "--model", str(model), "--port", str(port), *flags]
+        proc = subprocess.Popen(cmd, stdout=err, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"the server exited with {proc.returncode}:\n{log.read_text()}")
+            try:
+                if call(url + "/health")[0] == 200:
+                    break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the server did not answer /health in 90 s:\n{log.read_text()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def call(url: str, body: Any = None, raw: bytes | None = None, method: str | None = None) -> tuple[int, Any]:
+    """One HTTP request → (status, parsed JSON or bytes); 4xx/5xx are returned, not raised."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    req = urllib.request.Request(url, data=data, method=method or ("POST" if data is not None else "GET"))
+    req.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            status, payload, kind = r.status, r.read(), r.headers.get_content_type()
+    except urllib.error.HTTPError as e:
+        status, payload, kind = e.code, e.read(), e.headers.get_content_type()
+    return status, json.loads(payload) if kind == "application/json" else payload
+
+
+def wait_for(url: str, job_id: str, states: tuple[str, ...], timeout: float = 60) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        status, job = call(f"{url}/api/jobs/{job_id}")
+        assert status == 200, job
+        if job["state"] in states:
+            return job
+        assert time.monotonic() < deadline, f"job still {job['state']} after {timeout} s: {job}"
+        time.sleep(0.05)
+
+
+def png(data: bytes) -> Image.Image:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+
+
+_servers: dict[Path, str] = {}
+
+
+def shared_server(model: Path, config: pytest.Config) -> str:
+    """One server process per model for the whole session (test_browser.py uses it too): each start
+    costs ~8 s of CPU. It stops when the session ends."""
+    if model not in _servers:
+        running = serve(model, "--max-queue", "2")
+        _servers[model] = running.__enter__()
+        config.add_cleanup(lambda: running.__exit__(None, None, None))
+    return _servers[model]
+
+
+@pytest.fixture
+def server(tiny_folder: Path, pytestconfig: pytest.Config) -> str:
+    return shared_server(tiny_folder, pytestconfig)
+
+
+def test_health_info_and_page(server: str) -> None:
+    status, health = call(server + "/health")
+    assert status == 200 and health["status"] == "ok" and health["device"] == "cpu" and "queue" in health
+    _, info = call(server + "/api/info")
+    assert info["size_step"] == 128 and info["default_size"] == 128
+    assert [(p["width"], p["height"]) for p in info["presets"]] == [(128, 128), (128, 256), (256, 128)]
+    assert info["limits"]["max_side"] == 256 and info["limits"]["max_queue"] == 2
+    status, page = call(server + "/")
+    assert status == 200 and b"<title>W\xc3\xbcrstchen</title>" in page
+
+
+def test_openai_client(server: str) -> None:
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server + "/v1", api_key="anything", max_retries=0)
+    result = client.images.generate(prompt="a red circle", n=3, size="256x128", extra_body={**FAST, "seed": 5})
+    assert len(result.data) == 3 and result.created > 0
+    assert [png(base64.b64decode(d.b64_json)).size for d in result.data] == [(256, 128)] * 3
+    by_url = client.images.generate(prompt="a red circle", response_format="url", extra_body=FAST)
+    status, data = call(by_url.data[0].url)
+    assert status == 200 and png(data).size == (128, 128)
+    with pytest.raises(openai.UnprocessableEntityError, match="multiples of 128"):
+        client.images.generate(prompt="a red circle", size="200x200", extra_body=FAST)
+
+
+BAD_REQUESTS = [
+    # (path, body or raw bytes, status, words the message must contain)
+    ("/v1/images/generations", {"prompt": "a", "size": "4096x4096"}, 422, "multiples of 128 px from 128 to 256"),
+    ("/v1/images/generations", {"prompt": "a", "n": 0}, 422, "n must be from 1 to 8"),
+    ("/v1/images/generations", {"prompt": "a", "prior_steps": 10**6}, 422, "prior_steps must be from 1 to 200"),
+    ("/v1/images/generations", {"prompt": "a", "response_format": "gif"}, 400, "not supported"),
+    ("/v1/images/generations", {"prompt": "a", "n": "2"}, 422, "n: Input should be a valid integer"),
+    ("/v1/images/generations", {"prompt": 5}, 422, "prompt: Input should be a valid string"),
+    ("/v1/images/generations", {"prompt": "a", "size": "big"}, 422, "width x height"),
+    ("/v1/images/generations", b"", 400, "body is empty"),
+    ("/v1/images/generations", b'{"prompt": ', 400, "not valid JSON"),
+    ("/api/jobs", b"[1, 2]", 422, "valid dictionary"),
+    ("/api/jobs", {"prompt": "a", "width": 200}, 422, "multiples of 128"),
+    ("/api/jobs", {"prompt": "a", "steps": 3}, 422, "steps: unknown field"),
+    ("/api/jobs", {"prompt": "a", "num_images": True}, 422, "valid integer"),
+    ("/api/jobs", {"prompt": "a", "decoder_steps": 0}, 422, "decoder_steps must be from 1"),
+    ("/api/jobs", {"prompt": "a", "prior_guidance": -1}, 422, "prior_guidance must be from 0"),
+    ("/api/jobs", {"prompt": "a", "seed": -1}, 422, "seed must be from 0"),
+    ("/api/jobs", {"prompt": "a", "sampler": "euler"}, 422, "sampler"),
+    ("/api/jobs", {"prompt": "x" * 2001}, 422, "at most 2000"),
+    ("/api/jobs", b'{"prompt": "a", "prior_guidance": NaN}', 422, "prior_guidance must be from 0"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,words", BAD_REQUESTS, ids=[str(b)[:40] for _, b, _, _ in BAD_REQUESTS])
+def test_bad_requests_get_4xx_with_a_message(server: str, path: str, body: Any, status: int, words: str) -> None:
+    got, answer = call(server + path, raw=body) if isinstance(body, bytes) else call(server + path, body)
+    assert got == status, answer
+    assert words in answer["error"]["message"]
+    assert call(server + "/health")[0] == 200  # still serving
+
+
+def test_two_concurrent_requests_both_complete(server: str) -> None:
+    results: dict[int, tuple[int, Any]] = {}
+
+    def post(seed: int) -> None:
+        results[seed] = call(server + "/v1/images/generations", {"prompt": "two at once", "seed": seed, **FAST})
+
+    threads = [threading.Thread(target=post, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert {seed: status for seed, (status, _) in results.items()} == {1: 200, 2: 200}
+    images = [np.asarray(png(base64.b64decode(results[s][1]["data"][0]["b64_json"]))) for s in (1, 2)]
+    assert not np.array_equal(*images)  # different seeds, different images
+
+
+def test_cancel_queue_limit_and_running_job(server: str) -> None:
+    # A job that would run for minutes: 200 + 200 steps for 8 images at 256².
+    long = {"prompt": "long", "num_images": 8, "width": 256, "height": 256, "prior_steps": 200, "decoder_steps": 200}
+    status, running = call(server + "/api/jobs", long)
+    assert status == 202, running
+    deadline = time.monotonic() + 60
+    while call(f"{server}/api/jobs/{running['id']}")[1]["progress"].get("prior", {}).get("step", 0) < 1:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    queued = [call(server + "/api/jobs", {"prompt": f"waits {i}", **FAST})[1] for i in range(2)]
+    assert [j["state"] for j in queued] == ["queued", "queued"] and queued[1]["position"] == 1
+    status, full = call(server + "/api/jobs", {"prompt": "one too many", **FAST})
+    assert status == 429 and "queue is full" in full["error"]["message"]
+
+    status, cancelled = call(f"{server}/api/jobs/{queued[0]['id']}/cancel", method="POST")
+    assert status == 200 and cancelled["state"] == "cancelled"  # a queued job ends at once
+    asked = time.monotonic()
+    assert call(f"{server}/api/jobs/{running['id']}/cancel", method="POST")[0] == 200
+    job = wait_for(server, running["id"], ("cancelled", "done", "failed"), timeout=20)
+    assert job["state"] == "cancelled" and time.monotonic() - asked < 10
+    assert job["progress"]["prior"]["step"] < 200 and "decoder" not in job["progress"]
+    assert job["images"] == []
+    # The queue moves on: the job behind it runs; cancelling a finished job is a conflict.
+    done = wait_for(server, queued[1]["id"], ("done",))
+    status, answer = call(f"{server}/api/jobs/{done['id']}/cancel", method="POST")
+    assert status == 409 and "already ended" in answer["error"]["message"]
+
+
+def test_events_stream_progress_preview_and_png_metadata(server: str) -> None:
+    body = {"prompt": "a blue square", "negative_prompt": "blur", "num_images": 2, "seed": 11, "prior_steps": 3}
+    # 8 decoder steps keep the job running (and its last preview available) while the stream connects.
+    status, job = call(server + "/api/jobs", {**body, "decoder_steps": 8})
+    assert status == 202 and job["seed"] == 11 and job["seeds"] == [11, 12]
+    events: list[tuple[str, dict[str, Any]]] = []
+    with urllib.request.urlopen(f"{server}/api/jobs/{job['id']}/events", timeout=60) as stream:
+        assert stream.headers.get_content_type() == "text/event-stream"
+        name = None
+        for line in stream:  # the server closes the stream after the job's last state
+            line = line.decode().rstrip("\n")
+            if line.startswith("event: "):
+                name = line[7:]
+            elif line.startswith("data: "):
+                events.append((name, json.loads(line[6:])))
+    steps = [(d["stage"], d["step"]) for n, d in events if n == "progress"]
+    assert steps == [("prior", i) for i in (1, 2, 3)] + [("decoder", i) for i in range(1, 9)] + [("vqgan", 1)]
+    previews = [png(base64.b64decode(d["image"])) for n, d in events if n == "preview"]
+    assert previews and previews[-1].height >= 128  # a 3×3 latent, upscaled
+    final = events[-1][1]
+    assert events[-1][0] == "state" and final["state"] == "done" and len(final["images"]) == 2
+
+    for i, item in enumerate(final["images"]):
+        status, data = call(server + item["url"])
+        image = png(data)
+        params = json.loads(image.text["wuerstchen"])
+        assert image.size == (128, 128) and item["seed"] == params["seed"] == 11 + i
+        assert params["prompt"] == "a blue square" and params["negative_prompt"] == "blur"
+        assert params["prior_steps"] == 3 and params["decoder_steps"] == 8 and len(params["prior_timesteps"]) == 4
+        assert "Seed: " + str(11 + i) in image.text["parameters"]
+    _, with_b64 = call(f"{server}/api/jobs/{job['id']}?b64=true")
+    assert base64.b64decode(with_b64["images"][0]["b64_json"]) == call(server + final["images"][0]["url"])[1]
+    # A reconnecting EventSource sends Last-Event-ID and gets only what followed it.
+    resume = urllib.request.Request(f"{server}/api/jobs/{job['id']}/events", headers={"Last-Event-ID": "2"})
+    with urllib.request.urlopen(resume, timeout=60) as stream:
+        ids = [int(line[4:]) for line in stream.read().decode().splitlines() if line.startswith("id: ")]
+    assert ids[0] == 3 and ids[-1] == len(events) - sum(n == "preview" for n, _ in events) - 1
+
+    # Image 1 of the batch is image 0 of a run seeded 12: each image can be made again alone.
+    status, alone = call(server + "/api/jobs", {**body, "num_images": 1, "seed": 12, "decoder_steps": 8})
+    alone = wait_for(server, alone["id"], ("done",))
+    batch_pixels = np.asarray(png(call(server + final["images"][1]["url"])[1])).astype(int)
+    alone_pixels = np.asarray(png(call(server + alone["images"][0]["url"])[1])).astype(int)
+    diff = np.abs(batch_pixels - alone_pixels)  # batched matmuls round differently: a level here and there
+    assert diff.max() <= 2 and diff.mean() < 0.05
+
+
+def test_job_queue_survives_a_failure_and_forgets_old_jobs(tmp_path: Path) -> None:
+    """The queue without HTTP, around a stub pipeline: a failing job is reported, the next one runs,
+    and only the last `keep_jobs` ended jobs (and their temporary files) are kept."""
+    from types import SimpleNamespace
+
+    from wuerstchen.server.app import ApiError, JobParams, JobQueue, Limits
+
+    def pipe(prompt: str, **kw: Any) -> SimpleNamespace:
+        if prompt == "boom":
+            raise RuntimeError("out of memory")
+        return SimpleNamespace(images=[Image.new("RGB", (kw["width"], kw["height"]))] * kw["num_images_per_prompt"])
+
+    params = JobParams("ok", None, 128, 128, 2, 3, 2, 4.0, 2, 0.0, "ddpm")
+    jobs = JobQueue(pipe, "stub", Limits(max_side=256), keep_jobs=1, preview=False)
+    jobs.start()
+    try:
+        first = jobs.submit(params)
+        failed = jobs.submit(JobParams(**{**params.__dict__, "prompt": "boom"}))
+        last = jobs.submit(params)
+        assert last.done.wait(10) and first.done.is_set() and failed.done.is_set()
+        assert (first.state, failed.state, last.state) == ("done", "failed", "done")
+        assert failed.error == "RuntimeError: out of memory" and [im["seed"] for im in last.to_json()["images"]] == [
+            3,
+            4,
+        ]
+        with pytest.raises(ApiError, match="no job"):
+            jobs.get(first.id)
+        assert not any(path.exists() for path in first.files) and all(path.exists() for path in last.files)
+    finally:
+        jobs.stop()
+    assert not last.files[0].exists()  # the temporary folder goes with the server

@@ -1,0 +1,665 @@
+"""The HTTP API: one pipeline in memory, one worker thread, jobs run one at a time in submission order.
+
+    from wuerstchen.server.app import Limits, create_app
+    app = create_app(pipe, model="path/to/model", limits=Limits(max_side=2048))
+    uvicorn.run(app, host="127.0.0.1", port=7860)
+
+Endpoints (see docs/serve.md for examples):
+- `POST /v1/images/generations`: OpenAI-compatible; waits for the images.
+- `POST /api/jobs` → `{"id": ...}`; `GET /api/jobs/{id}`; `GET /api/jobs/{id}/events` (Server-Sent
+  Events: state, progress per step, Stage C previews); `POST /api/jobs/{id}/cancel`.
+- `GET /api/images/{job}/{i}.png`: the PNG, with its generation parameters in text chunks.
+- `GET /health`, `GET /api/info`, `GET /` (the web UI).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import random
+import re
+import secrets
+import shutil
+import tempfile
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..commands.generate import save_png
+from ..pipeline import WuerstchenPipeline
+from ..sampling import DEFAULT_STAGE_C_TIMESTEPS
+from ..sampling import timesteps as even_timesteps
+from .preview import preview_map, render_preview
+from .ui import PAGE
+
+logger = logging.getLogger(__name__)
+
+TERMINAL = ("done", "failed", "cancelled")
+MAX_SEED = 2**32 - 1
+MAX_BODY = 1 << 20  # bytes: a request is a prompt and a few numbers
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; every field is a `wuerstchen serve` flag."""
+
+    max_side: int  # px, a multiple of the pipeline's size step
+    max_images: int = 8
+    max_steps: int = 200  # per stage
+    max_prompt_chars: int = 2000
+    max_guidance: float = 30.0
+    max_queue: int = 16  # jobs waiting (not counting the running one)
+
+
+class ApiError(Exception):
+    """An error answered as JSON in OpenAI's shape: {"error": {"message", "type", "param"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+class JobCancelled(Exception):
+    """Raised from the pipeline's step hook to stop a running job at the next step."""
+
+
+# ----------------------------------------------------------------------------- request bodies
+class JobRequest(BaseModel):
+    """`POST /api/jobs`: every pipeline parameter. Strict types: "2" is not a number."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+    prompt: str
+    negative_prompt: str | None = None
+    width: int | None = None  # None: the model's native size
+    height: int | None = None
+    num_images: int = 1
+    seed: int | None = None  # None: random; image i gets seed + i
+    prior_steps: int | None = None  # None: the official schedule (DEFAULT_STAGE_C_TIMESTEPS)
+    prior_guidance: float = 4.0
+    decoder_steps: int = 12
+    decoder_guidance: float = 0.0
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+
+
+class OpenAIImageRequest(BaseModel):
+    """`POST /v1/images/generations`. OpenAI fields we cannot honour (model, quality, style, user)
+    are ignored; ours go in the openai client's `extra_body`."""
+
+    model_config = ConfigDict(strict=True, extra="ignore")
+    prompt: str
+    n: int | None = None
+    size: str | None = None  # "WxH" or "auto"
+    response_format: str | None = None  # b64_json (default) or url
+    output_format: str | None = None  # png only
+    negative_prompt: str | None = None
+    seed: int | None = None
+    prior_steps: int | None = None
+    prior_guidance: float = 4.0
+    decoder_steps: int = 12
+    decoder_guidance: float = 0.0
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+
+
+@dataclass(frozen=True)
+class JobParams:
+    """A request after its limits are checked: what the worker runs."""
+
+    prompt: str
+    negative_prompt: str | None
+    width: int
+    height: int
+    num_images: int
+    seed: int | None
+    prior_steps: int | None
+    prior_guidance: float
+    decoder_steps: int
+    decoder_guidance: float
+    sampler: str
+
+
+def size_presets(native: int, step: int, max_side: int) -> list[tuple[int, int]]:
+    """(width, height) presets around the native size: square, 2:3, 3:2, 1:2, 2:1, snapped down to
+    the size step (1024 → 1024², 1024×1536, 1536×1024, 1024×2048, 2048×1024; 128 → 128², 128×256, 256×128)."""
+    out: list[tuple[int, int]] = []
+    for fw, fh in ((1, 1), (1, 1.5), (1.5, 1), (1, 2), (2, 1)):
+        w, h = (int(native * f) // step * step for f in (fw, fh))
+        if step <= min(w, h) and max(w, h) <= max_side and (w, h) not in out:
+            out.append((w, h))
+    return out
+
+
+def default_side(pipe: WuerstchenPipeline, limits: Limits) -> int:
+    """The size a request without one gets: the model's native size, unless --max-side is smaller."""
+    return min(pipe.settings.default_size, limits.max_side)
+
+
+def check_params(
+    req: JobRequest | OpenAIImageRequest, limits: Limits, pipe: WuerstchenPipeline
+) -> tuple[JobParams, str]:
+    """Check every field against the limits (ApiError 400/422 with a message saying what works);
+    returns the job parameters and the OpenAI response format."""
+    step, native = pipe.size_step, default_side(pipe, limits)
+
+    def bad(param: str, message: str) -> ApiError:
+        return ApiError(422, message, param)
+
+    for name in ("prompt", "negative_prompt"):
+        text = getattr(req, name)
+        if text is not None and len(text) > limits.max_prompt_chars:
+            raise bad(name, f"{name} has {len(text)} characters; this server takes at most {limits.max_prompt_chars}")
+
+    fmt = "b64_json"
+    if isinstance(req, OpenAIImageRequest):
+        fmt = req.response_format or "b64_json"
+        if fmt not in ("b64_json", "url"):
+            raise ApiError(400, f"response_format {fmt!r} is not supported: use 'b64_json' or 'url'", "response_format")
+        if req.output_format not in (None, "png"):
+            raise ApiError(400, f"output_format {req.output_format!r} is not supported: only 'png'", "output_format")
+        width = height = native
+        if req.size not in (None, "auto"):
+            m = re.fullmatch(r"\s*(\d{1,6})\s*[x×]\s*(\d{1,6})\s*", req.size)
+            if m is None:
+                raise bad("size", f"size must look like '{native}x{native}' (width x height), got {req.size!r}")
+            width, height = int(m[1]), int(m[2])
+        num_images, size_param, n_param = 1 if req.n is None else req.n, "size", "n"
+    else:
+        width = native if req.width is None else req.width
+        height = native if req.height is None else req.height
+        num_images, size_param, n_param = req.num_images, "width/height", "num_images"
+
+    for side in (width, height):
+        if side % step or not step <= side <= limits.max_side:
+            presets = ", ".join(f"{w}x{h}" for w, h in size_presets(native, step, limits.max_side)) or "none"
+            raise bad(
+                size_param,
+                f"size {width}x{height} does not fit this model: width and height must be multiples of {step} px "
+                f"from {step} to {limits.max_side} (e.g. {presets})",
+            )
+    if not 1 <= num_images <= limits.max_images:
+        raise bad(n_param, f"{n_param} must be from 1 to {limits.max_images}, got {num_images}")
+    for name in ("prior_steps", "decoder_steps"):
+        value = getattr(req, name)
+        if value is not None and not 1 <= value <= limits.max_steps:
+            raise bad(name, f"{name} must be from 1 to {limits.max_steps}, got {value}")
+    for name in ("prior_guidance", "decoder_guidance"):
+        value = getattr(req, name)
+        if not 0 <= value <= limits.max_guidance:  # also refuses NaN
+            raise bad(name, f"{name} must be from 0 to {limits.max_guidance} (≤ 1 turns guidance off), got {value}")
+    if req.seed is not None and not 0 <= req.seed <= MAX_SEED - limits.max_images:
+        raise bad("seed", f"seed must be from 0 to {MAX_SEED - limits.max_images}, got {req.seed}")
+    params = JobParams(
+        prompt=req.prompt,
+        negative_prompt=req.negative_prompt or None,
+        width=width,
+        height=height,
+        num_images=num_images,
+        seed=req.seed,
+        prior_steps=req.prior_steps,
+        prior_guidance=float(req.prior_guidance),
+        decoder_steps=req.decoder_steps,
+        decoder_guidance=float(req.decoder_guidance),
+        sampler=req.sampler,
+    )
+    return params, fmt
+
+
+# ----------------------------------------------------------------------------- jobs
+@dataclass
+class Job:
+    id: str
+    params: JobParams
+    seed: int
+    created: float = field(default_factory=time.time)
+    state: str = "queued"
+    started: float | None = None
+    finished: float | None = None
+    error: str | None = None
+    progress: dict[str, dict[str, int]] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    done: threading.Event = field(default_factory=threading.Event)
+    events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)  # (name, data); index = SSE id
+    # Previews are a latest value, not a log: a job keeps one (~tens of kB), and only while it runs.
+    preview: dict[str, Any] | None = None
+    preview_seq: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def emit(self, name: str, data: dict[str, Any]) -> None:
+        with self.lock:
+            self.events.append((name, data))
+
+    def set_preview(self, data: dict[str, Any] | None) -> None:
+        with self.lock:
+            self.preview, self.preview_seq = data, self.preview_seq + 1
+
+    def events_from(self, start: int, seen_preview: int) -> tuple[list[tuple[int, str, dict[str, Any]]], bool, Any]:
+        """Events from index `start`; whether the job has ended (its last event is among them);
+        the latest preview if it is newer than `seen_preview`, as (seq, data)."""
+        with self.lock:
+            batch = [(i, *self.events[i]) for i in range(start, len(self.events))]
+            fresh = (self.preview_seq, self.preview) if self.preview_seq > seen_preview and self.preview else None
+            return batch, self.state in TERMINAL, fresh
+
+    def to_json(self, b64: bool = False, position: int | None = None) -> dict[str, Any]:
+        images = []
+        for i, path in enumerate(self.files):
+            item: dict[str, Any] = {"index": i, "seed": self.seed + i, "url": f"/api/images/{self.id}/{i}.png"}
+            if b64:
+                item["b64_json"] = base64.b64encode(path.read_bytes()).decode()
+            images.append(item)
+        out = {
+            "id": self.id,
+            "state": self.state,
+            "created": self.created,
+            "started": self.started,
+            "finished": self.finished,
+            "params": asdict(self.params),
+            "seed": self.seed,
+            "seeds": [self.seed + i for i in range(self.params.num_images)],
+            "progress": dict(self.progress),
+            "images": images,
+            "error": self.error,
+        }
+        if position is not None:
+            out["position"] = position
+        return out
+
+
+class JobQueue:
+    """Jobs in submission order, run by one worker thread that alone touches the pipeline."""
+
+    def __init__(
+        self,
+        pipe: WuerstchenPipeline,
+        model: str | None,
+        limits: Limits,
+        output_dir: Path | None = None,
+        keep_jobs: int = 100,
+        preview: bool = True,
+    ) -> None:
+        self.pipe, self.model, self.limits, self.preview = pipe, model, limits, preview
+        self.keep_jobs = keep_jobs
+        self._temp = None if output_dir is not None else tempfile.mkdtemp(prefix="wuerstchen-serve-")
+        self.output_dir = Path(output_dir if output_dir is not None else self._temp)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._lock = threading.Condition()
+        self._running: Job | None = None
+        self._stopping = False
+        self.closing = False  # set from a signal handler: a plain flag that the worker and the streams poll
+        self._thread = threading.Thread(target=self._work, name="wuerstchen-worker", daemon=True)
+
+    # -- the HTTP side
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self) -> None:
+        """Begin shutting down (signal-safe: no locks): the running job stops at its next step,
+        event streams and waiting requests end, no other job starts."""
+        self.closing = True
+
+    def stop(self) -> None:
+        self.close()
+        with self._lock:
+            self._stopping = True
+            for job in self._jobs.values():
+                job.cancel.set()
+            self._lock.notify_all()
+        self._thread.join(timeout=10)
+        if self._temp is not None:
+            shutil.rmtree(self._temp, ignore_errors=True)
+
+    def submit(self, params: JobParams) -> Job:
+        with self._lock:
+            if self.queued() >= self.limits.max_queue:
+                waiting = self.limits.max_queue
+                raise ApiError(429, f"the queue is full ({waiting} jobs waiting): retry later", kind="busy")
+            seed = params.seed if params.seed is not None else random.randrange(MAX_SEED - self.limits.max_images)
+            job = Job(secrets.token_hex(6), params, seed)
+            job.emit("state", {"state": "queued", "position": self.queued()})
+            self._jobs[job.id] = job
+            self._lock.notify_all()
+            return job
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, f"no job {job_id!r} (finished jobs are kept for the last {self.keep_jobs})", "id")
+        return job
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        with self._lock:
+            if job.state == "queued":  # never started: it ends here; the worker skips it
+                self._finish(job, "cancelled")
+            elif job.state == "running":
+                job.cancel.set()  # the step hook raises at the next step
+            elif job.state in ("done", "failed"):
+                raise ApiError(409, f"job {job_id} has already ended ({job.state})", "id")
+        return job
+
+    def queued(self) -> int:
+        with self._lock:  # the worker thread changes the dict
+            return sum(j.state == "queued" for j in self._jobs.values())
+
+    def position(self, job: Job) -> int | None:
+        if job.state != "queued":
+            return None
+        with self._lock:
+            return sum(j.state == "queued" for j in self._jobs.values() if j.created < job.created)
+
+    @property
+    def running(self) -> Job | None:
+        return self._running
+
+    # -- the worker side
+    def _finish(self, job: Job, state: str, error: str | None = None) -> None:
+        """Under self._lock: end a job, tell its listeners, forget the oldest ended jobs."""
+        job.state, job.error, job.finished = state, error, time.time()
+        job.set_preview(None)
+        job.emit("state", job.to_json())
+        job.done.set()
+        ended = [j for j in self._jobs.values() if j.state in TERMINAL]
+        for old in ended[: max(0, len(ended) - self.keep_jobs)]:
+            del self._jobs[old.id]
+            if self._temp is not None:  # our own temporary files; a user's --output-dir keeps them
+                for path in old.files:
+                    path.unlink(missing_ok=True)
+
+    def _next(self) -> Job | None:
+        with self._lock:
+            while True:
+                if self._stopping or self.closing:
+                    return None
+                job = next((j for j in self._jobs.values() if j.state == "queued"), None)
+                if job is not None:
+                    job.state, job.started, self._running = "running", time.time(), job
+                    job.emit("state", {"state": "running"})
+                    return job
+                self._lock.wait()
+
+    def _work(self) -> None:
+        if self.preview:  # fit the preview map before any job, so no pipeline call ever nests in another
+            try:
+                preview_map(self.pipe)
+            except Exception:
+                logger.exception("cannot fit the Stage C preview map; serving without previews")
+                self.preview = False
+        while (job := self._next()) is not None:
+            try:
+                self._generate(job)
+            except JobCancelled:
+                with self._lock:
+                    self._finish(job, "cancelled")
+            except Exception as e:  # a failed job must not take the server down
+                logger.exception("job %s failed", job.id)
+                with self._lock:
+                    self._finish(job, "failed", f"{type(e).__name__}: {e}")
+            else:
+                with self._lock:
+                    self._finish(job, "done")
+            finally:
+                self._running = None
+
+    def _generate(self, job: Job) -> None:
+        p, pipe = job.params, self.pipe
+        times = DEFAULT_STAGE_C_TIMESTEPS if p.prior_steps is None else even_timesteps(p.prior_steps)
+        last_preview = 0.0
+
+        def hook(stage: str, step: int, total: int, latents: Any) -> None:
+            nonlocal last_preview
+            if job.cancel.is_set() or self.closing:
+                raise JobCancelled
+            job.progress[stage] = {"step": step, "total": total}
+            job.emit("progress", {"stage": stage, "step": step, "total": total})
+            # Previews cost a small matmul and a PNG; a few per second is what a person can follow.
+            if stage == "prior" and self.preview and (time.monotonic() - last_preview > 0.25 or step == total):
+                last_preview = time.monotonic()
+                image = base64.b64encode(render_preview(pipe, latents)).decode()
+                job.set_preview({"stage": stage, "step": step, "total": total, "image": image})
+
+        if job.cancel.is_set():
+            raise JobCancelled
+        images = pipe(
+            p.prompt,
+            negative_prompt=p.negative_prompt,
+            height=p.height,
+            width=p.width,
+            prior_timesteps=times,
+            prior_guidance_scale=p.prior_guidance,
+            num_inference_steps=p.decoder_steps,
+            decoder_guidance_scale=p.decoder_guidance,
+            num_images_per_prompt=p.num_images,
+            seed=job.seed,
+            sampler=p.sampler,
+            step_hook=hook,
+        ).images
+        files = []
+        for i, image in enumerate(images):
+            # The same keys `wuerstchen generate` writes, so `generate --from-png` remakes the image.
+            params = dict(
+                prompt=p.prompt,
+                negative_prompt=p.negative_prompt,
+                height=p.height,
+                width=p.width,
+                seed=job.seed + i,
+                prior_timesteps=times,
+                prior_steps=p.prior_steps,
+                prior_guidance=p.prior_guidance,
+                decoder_steps=p.decoder_steps,
+                decoder_guidance=p.decoder_guidance,
+                sampler=p.sampler,
+                model=self.model,
+            )
+            path = self.output_dir / f"{job.id}-{i}-{job.seed + i}.png"
+            save_png(image, path, params)
+            files.append(path)
+        job.files = files
+
+
+# ----------------------------------------------------------------------------- the app
+def _error(status: int, message: str, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
+    # The openai client retries 409 and 5xx unless told not to; a failed generation would fail again.
+    headers = {"x-should-retry": "false"} if status == 409 or status >= 500 else None
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class BodyLimit:
+    """Refuse a body over MAX_BODY by its Content-Length. A plain ASGI middleware: FastAPI's
+    `@app.middleware("http")` would also wrap (and on shutdown, break) the event streams."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > MAX_BODY:
+                await _error(413, f"the request body is larger than {MAX_BODY} bytes")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    if any(e.get("type") == "json_invalid" for e in errors):
+        return _error(400, "the request body is not valid JSON")
+    if any(tuple(e.get("loc", ())) == ("body",) and e.get("type") == "missing" for e in errors):
+        return _error(400, 'the request body is empty: send a JSON object such as {"prompt": "a cat"}')
+    parts = []
+    for e in errors:
+        loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body") or "body"
+        msg = "unknown field" if e.get("type") == "extra_forbidden" else e.get("msg", "invalid")
+        parts.append(f"{loc}: {msg}")
+    return _error(422, "; ".join(parts), param=str(errors[0].get("loc", ["body"])[-1]) if errors else None)
+
+
+def create_app(
+    pipe: WuerstchenPipeline,
+    model: str | None,
+    limits: Limits,
+    output_dir: Path | None = None,
+    keep_jobs: int = 100,
+    preview: bool = True,
+) -> FastAPI:
+    """The FastAPI app around one pipeline; its worker thread starts and stops with the app."""
+    jobs = JobQueue(pipe, model, limits, output_dir, keep_jobs, preview)
+    model_name = str(model) if model is not None else "shipped small model"
+    dtype = next((str(p.dtype).removeprefix("torch.") for m in pipe.modules().values() for p in m.parameters()), "?")
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        jobs.start()
+        yield
+        jobs.stop()
+
+    app = FastAPI(title="Würstchen", version="0.1.0", lifespan=lifespan)
+    app.state.jobs = jobs
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_r: Request, e: ApiError) -> JSONResponse:
+        return _error(e.status, e.message, e.param, e.kind)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_r: Request, e: RequestValidationError) -> JSONResponse:
+        return _validation_error(e)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_r: Request, e: StarletteHTTPException) -> JSONResponse:
+        return _error(e.status_code, str(e.detail))
+
+    app.add_middleware(BodyLimit)
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def ui() -> HTMLResponse:
+        return HTMLResponse(PAGE)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        running = jobs.running
+        return {
+            "status": "ok",
+            "model": model_name,
+            "device": str(pipe.device),
+            "dtype": dtype,
+            "queue": jobs.queued(),
+            "running": running.id if running is not None else None,
+        }
+
+    @app.get("/api/info")
+    async def info() -> dict[str, Any]:
+        step, native = pipe.size_step, default_side(pipe, limits)
+        return {
+            "model": model_name,
+            "device": str(pipe.device),
+            "dtype": dtype,
+            "size_step": step,
+            "default_size": native,
+            "presets": [{"width": w, "height": h} for w, h in size_presets(native, step, limits.max_side)],
+            "limits": asdict(limits) | {"min_side": step, "min_guidance": 0, "max_seed": MAX_SEED - limits.max_images},
+            "defaults": JobRequest(prompt="").model_dump(exclude={"prompt"}) | {"width": native, "height": native},
+            "official_prior_steps": len(DEFAULT_STAGE_C_TIMESTEPS) - 1,
+            "samplers": ["ddpm", "ddim"],
+            "preview": preview,
+        }
+
+    @app.post("/api/jobs", status_code=202)
+    async def submit(body: JobRequest) -> dict[str, Any]:
+        params, _ = check_params(body, limits, pipe)
+        job = jobs.submit(params)
+        return job.to_json(position=jobs.position(job))
+
+    @app.get("/api/jobs/{job_id}")
+    async def status(job_id: str, b64: bool = False) -> dict[str, Any]:
+        job = jobs.get(job_id)
+        return job.to_json(b64=b64 and job.state == "done", position=jobs.position(job))
+
+    @app.post("/api/jobs/{job_id}/cancel")
+    async def cancel(job_id: str) -> dict[str, Any]:
+        job = jobs.cancel(job_id)
+        return job.to_json(position=jobs.position(job))
+
+    @app.get("/api/jobs/{job_id}/events")
+    async def events(job_id: str, request: Request) -> StreamingResponse:
+        job = jobs.get(job_id)
+        last = request.headers.get("last-event-id", "")
+        start = int(last) + 1 if last.isdigit() else 0  # a reconnecting EventSource resumes where it was
+
+        async def stream() -> AsyncIterator[str]:
+            i, seen, idle = start, 0, 0.0
+            while True:
+                batch, ended, fresh = job.events_from(i, seen)
+                for index, name, data in batch:
+                    yield f"id: {index}\nevent: {name}\ndata: {json.dumps(data)}\n\n"
+                    i = index + 1
+                if fresh is not None:  # no id: Last-Event-ID counts the log only
+                    seen = fresh[0]
+                    yield f"event: preview\ndata: {json.dumps(fresh[1])}\n\n"
+                if ended or jobs.closing:
+                    return
+                idle = 0.0 if batch else idle + 0.05
+                if idle >= 15:  # a comment line keeps proxies from closing a quiet stream
+                    idle = 0.0
+                    yield ": keep-alive\n\n"
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(0.05)  # the worker is a thread: polling is simpler than a thread-safe bridge
+
+        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+
+    @app.get("/api/images/{job_id}/{index}.png")
+    async def image(job_id: str, index: int) -> FileResponse:
+        job = jobs.get(job_id)
+        if not 0 <= index < len(job.files):
+            raise ApiError(404, f"job {job_id} has no image {index} ({len(job.files)} images, state {job.state})")
+        name = f"wuerstchen-{job.seed + index}.png"
+        return FileResponse(job.files[index], media_type="image/png", filename=name, content_disposition_type="inline")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "owned_by": "wuerstchen"}]}
+
+    @app.post("/v1/images/generations")
+    async def generations(body: OpenAIImageRequest, request: Request) -> JSONResponse:
+        params, fmt = check_params(body, limits, pipe)
+        job = jobs.submit(params)
+        while not job.done.is_set():
+            if jobs.closing:
+                return _error(503, "the server is shutting down", kind="server_error")
+            if await request.is_disconnected():  # nobody will read the images: free the queue
+                jobs.cancel(job.id)
+                return _error(499, "client disconnected")
+            await asyncio.sleep(0.05)
+        headers = {"x-job-id": job.id}
+        if job.state == "cancelled":
+            return _error(409, f"job {job.id} was cancelled", kind="cancelled")
+        if job.state == "failed":
+            return _error(500, f"the generation failed: {job.error}", kind="server_error")
+        base = str(request.base_url).rstrip("/")
+        data = []
+        for i, path in enumerate(job.files):
+            item: dict[str, Any] = {"seed": job.seed + i, "revised_prompt": None}
+            if fmt == "url":
+                item["url"] = f"{base}/api/images/{job.id}/{i}.png"
+            else:
+                item["b64_json"] = base64.b64encode(path.read_bytes()).decode()
+            data.append(item)
+        return JSONResponse({"created": int(job.created), "data": data}, headers=headers)
+
+    return app
