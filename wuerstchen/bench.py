@@ -119,6 +119,59 @@ def count_flops(impl: str, pipe: Any, size: int, prior_times: list[float], decod
     return [f1 + (n - 1) * (f2 - f1) if i < 2 else f1 for i, (f1, f2, n) in enumerate(zip(*per_k, steps, strict=True))]
 
 
+@torch.no_grad()
+def ablations(pipe: WuerstchenPipeline, size: int, prior_times: list[float], decoder_steps: int) -> dict[str, float]:
+    """Seconds of the two sampling loops (prior with CFG 4, decoder) with one speed-up taken away at a
+    time, through the models' public calls: what each speed-up is worth on its own."""
+    from unittest import mock
+
+    from .models import blocks, stage_b, stage_c
+    from .sampling import sample, timesteps
+
+    h, w = pipe.prior_latent_size(size, size)
+    text = pipe.encode_prompt("prior", [PROMPT], None, True, 1)  # (2, 77, D): [cond; uncond]
+    dec_text = pipe.encode_prompt("decoder", [PROMPT], None, False, 1)
+    x_prior = torch.randn(1, pipe.prior.config.c_in, h, w, generator=torch.Generator().manual_seed(0))
+    effnet = torch.randn(1, 16, h, w, generator=torch.Generator().manual_seed(1))
+    hb, wb = int(h * pipe.settings.latent_dim_scale), int(w * pipe.settings.latent_dim_scale)
+    x_dec = torch.randn(1, pipe.decoder.config.c_in, hb, wb, generator=torch.Generator().manual_seed(2))
+    prior, decoder = pipe.prior, pipe.decoder
+
+    def run(cache_text: bool, batched_cfg: bool) -> float:
+        kv = prior.condition(text)
+        kv_halves = [prior.condition(t) for t in text.chunk(2)]
+        cond = decoder.condition(effnet, dec_text, (hb, wb))
+
+        def denoise_prior(x, r):
+            if not batched_cfg:
+                c, u = (prior(x, r, kv=k) for k in kv_halves)
+            elif cache_text:
+                c, u = prior(torch.cat([x, x]), torch.cat([r, r]), kv=kv).chunk(2)
+            else:  # the reference's way: the text part of K/V recomputed at every step
+                c, u = prior(torch.cat([x, x]), torch.cat([r, r]), text).chunk(2)
+            return torch.lerp(u, c, 4.0)
+
+        def denoise_decoder(x, r):
+            return decoder(x, r, cond=cond) if cache_text else decoder(x, r, effnet, dec_text)
+
+        t0 = time.perf_counter()
+        sample(denoise_prior, x_prior, prior_times, sampler="ddim")
+        sample(denoise_decoder, x_dec, timesteps(decoder_steps), sampler="ddim")
+        return time.perf_counter() - t0
+
+    identity = lambda t: t  # noqa: E731
+    results = {"all speed-ups": run(True, True)}
+    results["text K/V every step"] = run(False, True)
+    results["CFG as two passes"] = run(True, False)
+    with (
+        mock.patch.object(blocks, "to_channels_last", identity),
+        mock.patch.object(stage_b, "to_channels_last", identity),
+        mock.patch.object(stage_c, "to_channels_last", identity),
+    ):
+        results["no channels-last"] = run(True, True)
+    return results
+
+
 def _current_rss_kib() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
@@ -128,10 +181,12 @@ def child_main(args: argparse.Namespace) -> None:
     """In a fresh process: load one implementation, generate once, print load time and peak RSS."""
     torch.set_num_threads(args.threads)
     # Import what either side needs before the clock starts: load time is reading weights.
-    import transformers  # noqa: F401
+    from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
     if args.child.startswith("diffusers"):
         import diffusers.pipelines.deprecated.wuerstchen  # noqa: F401
+    else:
+        import wuerstchen.io.folders  # noqa: F401
     base = _current_rss_kib()
     dtype = torch.bfloat16 if args.child.endswith("bf16") else torch.float32
     t0 = time.perf_counter()
@@ -240,6 +295,7 @@ def main(args: argparse.Namespace) -> int:
             for name, p in impls.items()
         }
         memory = {name: measure_in_child(name.replace(" ", "-"), folder, args) for name in impls}
+        ablation = ablations(impls["ours fp32"], size, times, decoder_steps)
 
     steps = [len(times) - 1, decoder_steps, 1]
     best = {name: [min(r[i] for r in rs) for i in range(3)] for name, rs in results.items()}
@@ -273,6 +329,9 @@ def main(args: argparse.Namespace) -> int:
         m = memory[name]
         ratio = m["peak_mib"] / ref_m["peak_mib"] if ref_m["peak_mib"] > 0 else float("nan")
         print(f"  {name} / diffusers fp32: load time {m['load_s'] / ref_m['load_s']:.2f}×, peak memory {ratio:.2f}×")
+    print("\nours fp32, the two sampling loops (prior + decoder) with one speed-up taken away at a time:")
+    for name, seconds in ablation.items():
+        print(f"  {name:22} {seconds:7.2f} s  ({seconds / ablation['all speed-ups']:.2f}× the time)")
     if args.paper:
         w, sdxl = paper_flops()
         print(f"\nFLOPs per 1024² image (torch's FLOP counter, official configs): Würstchen v2 {w / 1e12:.0f} TFLOP "
