@@ -69,10 +69,13 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """z (B, C, H, W) → (quantised z, codebook + commitment loss, indices (B, H, W))."""
-        flat = z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
-        codes = self.embedding.weight
-        dist = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codes.t() + codes.pow(2).sum(1)[None]
-        idx = dist.argmin(dim=1)
+        flat = z.detach().permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+        codes = self.embedding.weight.detach()
+        # Nearest code by ‖z − e‖² = ‖z‖² − 2z·e + ‖e‖² (‖z‖² is the same for every code); the search is
+        # not differentiable, so it runs without autograd and in chunks to bound the distance matrix.
+        code_norms = codes.pow(2).sum(1)
+        with torch.no_grad():
+            idx = torch.cat([(code_norms[None] - 2 * chunk @ codes.t()).argmin(dim=1) for chunk in flat.split(4096)])
         zq = self.embedding(idx).view(z.shape[0], z.shape[2], z.shape[3], -1).permute(0, 3, 1, 2)
         # Codebook term pulls codes to the encoder output; commitment (β) pulls the encoder to codes.
         loss = F.mse_loss(zq, z.detach()) + self.beta * F.mse_loss(z, zq.detach())

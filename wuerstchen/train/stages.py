@@ -1,0 +1,645 @@
+"""What differs between the stages' training; `loop.py` runs them all with one loop.
+
+Each stage builds a *loss module* (an `nn.Module` whose `forward` returns `(loss, metrics)`: the thing
+DDP/FSDP wrap, EMA tracks and checkpoints hold), prepares its inputs from a batch with the frozen
+networks, writes samples, and exports diffusers-format folders.
+
+- Stage C: ε-prediction on the semantic latent `(x + 1) / 42` of the frozen compressor, text states
+  of a frozen CLIP text model, captions dropped 5%.
+- Stage B: ε-prediction on the frozen VQGAN's latents, conditioned on the semantic latent of the
+  image downscaled by a random factor (zeroed 10%) and on text (dropped 5%).
+- Stage A: VQGAN reconstruction + codebook/commitment loss, optional patch-GAN hinge loss.
+
+Diffusion losses follow the official code (REFERENCE.md, "Training"): t = (1 − u)·1.08 + 0.001
+clamped to [0.001, 1], per-sample mean squared error of ε, weighted by p2: 1 / (1 + ᾱ/(1 − ᾱ)).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from ..io.checkpoint import atomic_path, build_from_state, load_model
+from ..models.config import config_from_dict, read_json
+from ..models.semantic import SEMANTIC_PRESETS, SemanticCompressor
+from ..models.stage_a import StageA
+from ..models.stage_b import StageB
+from ..models.stage_c import StageC
+from ..models.text import encode_prompts
+from ..pipeline import PipelineSettings, WuerstchenPipeline, to_output
+from ..sampling import add_noise, alpha_cumprod
+from .config import DiffusionTrainConfig, StageATrainConfig, StageBTrainConfig, StageCTrainConfig, TrainConfig
+from .data import FolderDataset, WebDatasetSource, make_loader
+
+logger = logging.getLogger(__name__)
+
+Batch = dict[str, Any]
+
+
+# ----------------------------------------------------------------------------- diffusion objective
+
+
+def sample_t(n: int, generator: torch.Generator) -> Tensor:
+    """Training times (n,): (1 − u)·1.08 + 0.001 clamped to [0.001, 1] (~7% land exactly on t = 1)."""
+    u = torch.rand(n, generator=generator, device=generator.device)
+    return ((1 - u) * 1.08 + 0.001).clamp(0.001, 1.0)
+
+
+def p2_weight(t: Tensor) -> Tensor:
+    """p2 loss weight (k = γ = 1) 1 / (1 + ᾱ/(1 − ᾱ)), i.e. 1 − ᾱ: less weight on low-noise steps."""
+    ab = alpha_cumprod(t)
+    return 1 / (1 + ab / (1 - ab))
+
+
+def diffusion_loss(pred: Tensor, noise: Tensor, t: Tensor) -> Tensor:
+    """p2-weighted mean over the batch of each sample's mean squared ε error (in float32)."""
+    per_sample = (pred.float() - noise.float()).pow(2).flatten(1).mean(dim=1)
+    return (per_sample * p2_weight(t)).mean()
+
+
+# ----------------------------------------------------------------------------- loss modules
+
+
+class PriorLoss(nn.Module):
+    """Stage C: x0 (B, 16, h, w) semantic latents, text (B, 77, c_cond)."""
+
+    def __init__(self, prior: StageC) -> None:
+        super().__init__()
+        self.model = prior
+
+    def forward(self, x0: Tensor, noise: Tensor, t: Tensor, text: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        pred = self.model(add_noise(x0, noise, t), t, text)
+        return diffusion_loss(pred, noise, t), {}
+
+
+class DecoderLoss(nn.Module):
+    """Stage B: x0 (B, 4, H/4, W/4) VQGAN latents; the semantic latent is given (frozen compressor)
+    or computed here from `effnet_images` (compressor trained jointly)."""
+
+    def __init__(self, decoder: StageB, semantic: SemanticCompressor | None = None) -> None:
+        super().__init__()
+        self.model = decoder
+        self.semantic = semantic
+
+    def forward(
+        self,
+        x0: Tensor,
+        noise: Tensor,
+        t: Tensor,
+        text: Tensor,
+        keep: Tensor,
+        effnet: Tensor | None = None,
+        effnet_images: Tensor | None = None,
+        effnet_side: tuple[int, int] = (1, 1),
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        if self.semantic is not None:
+            effnet = self.semantic.encode(effnet_images, size=effnet_side)
+        effnet = effnet * keep.view(-1, 1, 1, 1)  # the condition zeroed for some samples
+        pred = self.model(add_noise(x0, noise, t), t, effnet, text)
+        return diffusion_loss(pred, noise, t), {}
+
+
+class PatchDiscriminator(nn.Module):
+    """A small PatchGAN: (B, 3, H, W) → (B, 1, H/8, W/8) realness logits. GroupNorm, not BatchNorm,
+    so it has no running statistics and can be called with borrowed (detached) weights."""
+
+    def __init__(self, c: int = 64) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(3, c, 4, 2, 1), nn.LeakyReLU(0.2),
+            nn.Conv2d(c, 2 * c, 4, 2, 1), nn.GroupNorm(8, 2 * c), nn.LeakyReLU(0.2),
+            nn.Conv2d(2 * c, 4 * c, 4, 2, 1), nn.GroupNorm(8, 4 * c), nn.LeakyReLU(0.2),
+            nn.Conv2d(4 * c, 1, 3, 1, 1),
+        )  # fmt: skip
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.net(images * 2 - 1)
+
+
+class VQGANLoss(nn.Module):
+    """Stage A: reconstruction + vq_weight · (codebook + commitment), + an optional hinge GAN.
+
+    Generator and discriminator train in one backward pass: the discriminator loss sees the
+    reconstruction detached, and the generator's adversarial term calls the discriminator with
+    detached weights (`functional_call`), so neither loss's gradient reaches the other network.
+    """
+
+    def __init__(
+        self,
+        vqgan: StageA,
+        discriminator: PatchDiscriminator | None = None,
+        recon: str = "mse",
+        vq_weight: float = 1.0,
+        adv_weight: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.model = vqgan
+        self.discriminator = discriminator
+        self.recon, self.vq_weight, self.adv_weight = recon, vq_weight, adv_weight
+
+    def forward(self, images: Tensor, adversarial: bool = False) -> tuple[Tensor, dict[str, Tensor]]:
+        out, vq = self.model(images)
+        out = out.float()
+        rec = F.mse_loss(out, images) if self.recon == "mse" else F.l1_loss(out, images)
+        loss = rec + self.vq_weight * vq.float()
+        metrics = {"recon": rec.detach(), "vq": vq.detach().float()}
+        disc = self.discriminator
+        if disc is not None:
+            d_loss = F.relu(1 - disc(images)).mean() + F.relu(1 + disc(out.detach())).mean()
+            loss = loss + d_loss
+            metrics["d_loss"] = d_loss.detach().float()
+            if adversarial:
+                weights = {k: v.detach() for k, v in disc.named_parameters()}
+                g_adv = -torch.func.functional_call(disc, weights, (out,)).mean()
+                loss = loss + self.adv_weight * g_adv
+                metrics["g_adv"] = g_adv.detach().float()
+        return loss, metrics
+
+
+# ----------------------------------------------------------------------------- frozen parts
+
+
+def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def _load_pipeline(path: str | None) -> WuerstchenPipeline | None:
+    if not path:
+        return None
+    return WuerstchenPipeline.from_pretrained(path)
+
+
+def _random_text(spec: str) -> tuple[Any, nn.Module]:
+    from ..testing import char_tokenizer, clip_text_model
+
+    try:
+        width = int(spec.split(":", 1)[1])
+    except ValueError:
+        raise ValueError(f"--text-encoder {spec!r}: expected random:WIDTH, e.g. random:32") from None
+    return char_tokenizer(), clip_text_model(0, width=width, heads=2 if width % 2 == 0 else 1)
+
+
+def _text_from_folder(folder: Path, prefixes: tuple[str, ...]) -> tuple[Any, nn.Module]:
+    """A pipeline folder (its `{prefix}text_encoder/`), a folder with `text_encoder/` + `tokenizer/`,
+    or a CLIP text model folder that holds its tokenizer files too."""
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"text encoder folder {folder} does not exist")
+    for prefix in prefixes:
+        if (folder / f"{prefix}text_encoder").is_dir():
+            model_dir, tok_dir = folder / f"{prefix}text_encoder", folder / f"{prefix}tokenizer"
+            break
+    else:
+        model_dir = tok_dir = folder
+    if not tok_dir.is_dir():
+        tok_dir = model_dir
+    return AutoTokenizer.from_pretrained(tok_dir), CLIPTextModel.from_pretrained(model_dir)
+
+
+class Stage:
+    """The per-stage half of training. Subclasses set `name`, `component` (the pipeline attribute they
+    train: prior, decoder, vqgan) and build `self.module` (the loss module) in `__init__`."""
+
+    name = "?"
+    component = "?"
+    model_class: type[nn.Module] = nn.Module
+
+    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        self.notes: set[str] = set()  # things said once (e.g. why samples are skipped)
+        self.source = self._make_source()  # first: a wrong --data is reported before any loading
+        self.eval_items = self._eval_items()
+        # Frozen parts come from --init-from first, then --pipeline.
+        self.init_pipe = _load_pipeline(cfg.init_from)
+        self.parts_pipe = _load_pipeline(cfg.pipeline)
+        source_pipe = self.parts_pipe or self.init_pipe
+        self.settings = source_pipe.settings if source_pipe else PipelineSettings(default_size=cfg.image_size)
+        self.module: nn.Module
+
+    # -- pieces -------------------------------------------------------------------------------
+    def part(self, name: str) -> Any:
+        """A frozen component (text_encoder, vqgan, decoder, ...) from --init-from or --pipeline."""
+        for pipe in (self.init_pipe, self.parts_pipe):
+            if pipe is not None and getattr(pipe, name, None) is not None:
+                return getattr(pipe, name)
+        return None
+
+    def note(self, message: str) -> None:
+        if message not in self.notes:
+            self.notes.add(message)
+            logger.info(message)
+
+    def build_model(self) -> nn.Module:
+        """The trained network: from --init-from, or built from --model (a preset, file or object)."""
+        cfg, cls = self.cfg, self.model_class
+        if cfg.init_from:
+            model = getattr(self.init_pipe, self.component, None)
+            if model is None:
+                raise ValueError(f"--init-from {cfg.init_from} holds no {self.component} to fine-tune")
+            if cfg.model is not None and self._model_config() != model.config:
+                raise ValueError("--model differs from the architecture of --init-from: leave --model out")
+            self.model_config = model.config
+            setattr(self.init_pipe, self.component, None)  # ours to train now, not a frozen part
+            return model.float().to(self.device).train().requires_grad_(True)
+        self.model_config = self._model_config()
+        return _official_init(cls(self.model_config)).to(self.device).train()
+
+    def _model_config(self) -> Any:
+        spec = self.cfg.model
+        cls = self.model_class.config_class
+        if spec is None:
+            names = ", ".join(self.cfg.model_presets())
+            raise ValueError(f"give --model PRESET ({names}) or a config file, or --init-from PIPELINE")
+        if isinstance(spec, dict):
+            return config_from_dict(cls, spec, source="--model")
+        if spec in self.cfg.model_presets():
+            return self.cfg.model_presets()[spec]
+        return config_from_dict(cls, read_json(spec), source=spec)
+
+    def load_text(self, prefixes: tuple[str, ...]) -> tuple[Any, nn.Module]:
+        """Tokenizer and frozen text model: --text-encoder, else the sources' (`prior_` parts for C)."""
+        cfg: DiffusionTrainConfig = self.cfg  # type: ignore[assignment]
+        spec = cfg.text_encoder
+        if spec and spec.startswith("random:"):
+            tokenizer, encoder = _random_text(spec)
+        elif spec:
+            tokenizer, encoder = _text_from_folder(Path(spec), prefixes)
+        else:
+            tokenizer = encoder = None
+            for prefix in prefixes:
+                encoder, tokenizer = self.part(f"{prefix}text_encoder"), self.part(f"{prefix}tokenizer")
+                if encoder is not None and tokenizer is not None:
+                    break
+            if encoder is None or tokenizer is None:
+                raise ValueError(
+                    f"Stage {self.name.upper()} needs a text encoder: give --init-from/--pipeline PIPELINE or "
+                    "--text-encoder FOLDER (random:WIDTH for a smoke test)"
+                )
+        return tokenizer, encoder.to(self.device).eval().requires_grad_(False)
+
+    def load_semantic(self) -> tuple[SemanticCompressor, bool]:
+        """The semantic compressor and whether it came with weights (a folder) rather than a preset."""
+        spec = self.cfg.semantic  # type: ignore[attr-defined]
+        if spec in SEMANTIC_PRESETS:
+            torch.manual_seed(self.cfg.seed + 1)
+            return SemanticCompressor(SEMANTIC_PRESETS[spec]).eval().requires_grad_(False).to(self.device), False
+        if spec:
+            folder = Path(spec)
+            if (folder / "semantic").is_dir():
+                folder = folder / "semantic"
+            if not folder.is_dir():
+                raise FileNotFoundError(f"--semantic {spec}: no such preset ({', '.join(SEMANTIC_PRESETS)}) or folder")
+            return load_model(SemanticCompressor, folder).to(self.device), True
+        model = self.part("semantic")
+        if model is None:
+            raise ValueError(
+                f"Stage {self.name.upper()} needs the semantic compressor: give --semantic FOLDER (e.g. converted "
+                "from the official checkpoint), a pipeline folder with semantic/, or a preset for a smoke test"
+            )
+        return model.to(self.device).eval().requires_grad_(False), True
+
+    def encode_text(self, captions: list[str], drop: Tensor) -> Tensor:
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
+        return encode_prompts(self.tokenizer, self.text_encoder, captions, self.device, weighting=False).float()
+
+    # -- data ---------------------------------------------------------------------------------
+    def _make_source(self) -> FolderDataset | WebDatasetSource:
+        cfg = self.cfg
+        if not cfg.data:
+            raise ValueError("give --data: an image folder (image + same-named .txt caption) or webdataset shards")
+        opts = dict(random_crop=cfg.random_crop, flip=cfg.flip, bucket_multiple=cfg.bucket_multiple)
+        path = Path(cfg.data)
+        if path.is_dir():
+            source = FolderDataset(path, cfg.image_size, **opts)
+            if len(source) <= cfg.holdout:
+                raise ValueError(f"{path}: {len(source)} captioned images, not enough beyond --holdout {cfg.holdout}")
+            return source
+        if any(s in cfg.data for s in (".tar", "{", "::", "pipe:", "://")):
+            return WebDatasetSource(cfg.data, cfg.image_size, **opts)
+        raise FileNotFoundError(f"data folder {path} does not exist")
+
+    def _eval_items(self) -> list[Batch]:
+        """Images for samples and evaluation: --eval-data, or the last --holdout items of the folder
+        (taken out of the training set here)."""
+        cfg = self.cfg
+        if cfg.eval_data:
+            if not Path(cfg.eval_data).is_dir():
+                raise FileNotFoundError(f"--eval-data folder {cfg.eval_data} does not exist")
+            data = FolderDataset(cfg.eval_data, cfg.image_size)
+            return [data[i] for i in range(min(len(data), 16))]
+        if not cfg.holdout:
+            return []
+        if not isinstance(self.source, FolderDataset):
+            self.note("--holdout needs an image folder; for shards give --eval-data FOLDER")
+            return []
+        n = len(self.source)
+        items = [self.source[i] for i in range(n - cfg.holdout, n)]
+        del self.source.items[n - cfg.holdout :], self.source.bucket_ids[n - cfg.holdout :]
+        return items
+
+    def loader(self, rank: int, world_size: int):
+        cfg = self.cfg
+        return make_loader(
+            self.source, cfg.batch_size, cfg.num_workers, cfg.seed, rank=rank, world_size=world_size,
+            pin_memory=self.device.type == "cuda",
+        )  # fmt: skip
+
+    def remember(self, batch: Batch) -> None:
+        """Without evaluation images, the first training batch's first items serve for samples."""
+        if not self.eval_items:
+            keys = [k for k in ("image", "caption") if k in batch]
+            self.eval_items = [{k: batch[k][i] for k in keys} for i in range(min(4, len(batch["caption"])))]
+
+    # -- per stage ------------------------------------------------------------------------------
+    def prepare(self, batch: Batch, generator: torch.Generator, step: int) -> dict[str, Any]:
+        """A batch → the loss module's keyword arguments (frozen encoders, random draws)."""
+        raise NotImplementedError
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.module.model.gradient_checkpointing = True
+
+    def components(self, state: dict[str, Tensor]) -> dict[str, nn.Module]:
+        """Plain models (name → module) built from a full loss-module state dict, for export."""
+        comps = {self.component: build_from_state(self.model_class, self.model_config, _strip(state, "model."), "run")}
+        return comps
+
+    def live_models(self, module: nn.Module) -> dict[str, nn.Module]:
+        """The trained models inside the (unwrapped) loss module, as `components` names them."""
+        return {self.component: module.model}
+
+    def assemble(self, models: dict[str, nn.Module]) -> WuerstchenPipeline | None:
+        """A whole pipeline with `models` in place of the sources' parts; None if parts are missing."""
+        return None
+
+    def sample(self, models: dict[str, nn.Module], path: Path) -> dict[str, float]:
+        """Write sample images to `path` (PNG) with the trained `models`; return metrics to log."""
+        return {}
+
+
+@torch.no_grad()
+def _official_init(model: nn.Module) -> nn.Module:
+    """The official from-scratch initialisation's key parts: the output head is zeroed, so the noise
+    estimate starts as a well-conditioned function of x_t (Stage C: (x − 0)/|1 − 0|; Stage B:
+    (x − 0)/sigmoid(0)) instead of dividing by a random |1 − b| near 0, and the timestep
+    modulations start as the identity."""
+    from ..models.blocks import TimestepBlock
+
+    head = getattr(model, "out", None) or getattr(model, "clf", None)
+    if head is not None:
+        nn.init.zeros_(head[1].weight)
+        nn.init.zeros_(head[1].bias)
+    for m in model.modules():
+        if isinstance(m, TimestepBlock):
+            nn.init.zeros_(m.mapper.weight)
+    return model
+
+
+def _latent_side(hw: tuple[int, ...], settings: PipelineSettings) -> tuple[int, int]:
+    return math.ceil(hw[0] / settings.resolution_multiple), math.ceil(hw[1] / settings.resolution_multiple)
+
+
+def save_grid(rows: list[list[Image.Image]], path: Path) -> None:
+    """Rows of equally sized images → one PNG, written atomically."""
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            grid.paste(image, (x * w, y * h))
+    with atomic_path(path) as tmp:
+        grid.save(tmp, format="PNG")
+    path.chmod(0o644)  # the temporary file was private
+
+
+def _images(items: list[Batch], device: torch.device) -> Tensor:
+    return torch.stack([item["image"] for item in items]).to(device)
+
+
+def _step_ok(stage: Stage, pipe: WuerstchenPipeline) -> bool:
+    step = pipe.size_step
+    if stage.cfg.image_size % step:
+        stage.note(f"no samples: --image-size {stage.cfg.image_size} is not a multiple of the pipeline's {step} px")
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- Stage C
+
+
+class StageCTask(Stage):
+    name, component, model_class = "c", "prior", StageC
+
+    def __init__(self, cfg: StageCTrainConfig, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        self.tokenizer, self.text_encoder = self.load_text(("prior_", ""))
+        self.cache = None
+        if cfg.cache:
+            from .cache import ensure_cache
+
+            self.cache = ensure_cache(self, Path(cfg.cache))
+            self.semantic, self.semantic_shipped = None, False
+        else:
+            self.semantic, self.semantic_shipped = self.load_semantic()
+        self.module = PriorLoss(self.build_model()).to(device)
+        width = getattr(self.text_encoder.config, "hidden_size", None)
+        if width is not None and width != self.model_config.c_cond:
+            expected = self.model_config.c_cond
+            raise ValueError(f"the text encoder gives {width}-wide states; this prior expects {expected}")
+
+    def loader(self, rank: int, world_size: int):
+        if self.cache is not None:
+            from .cache import cache_loader
+
+            return cache_loader(self.cache, self.cfg.batch_size, self.cfg.seed, rank, world_size)
+        return super().loader(rank, world_size)
+
+    def prepare(self, batch: Batch, generator: torch.Generator, step: int) -> dict[str, Any]:
+        n = len(batch["caption"])
+        drop = torch.rand(n, generator=generator, device=generator.device) < self.cfg.caption_drop
+        if self.cache is not None:  # precomputed: (B, 77, D) text states, (B, 16, h, w) semantic latents
+            text = batch["text"].to(self.device, torch.float32)
+            text[drop] = self.cache.empty_text.to(self.device, torch.float32)
+            semantic = batch["semantic"].to(self.device, torch.float32)
+        else:
+            images = batch["image"].to(self.device)
+            text = self.encode_text(batch["caption"], drop)
+            semantic = self.semantic.encode(images, size=_latent_side(images.shape[-2:], self.settings)).float()
+        st = self.settings
+        x0 = (semantic + st.latent_std) / st.latent_mean  # the prior's space; sampled latents map back x·42 − 1
+        t = sample_t(n, generator)
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device)
+        return dict(x0=x0, noise=noise, t=t, text=text)
+
+    def assemble(self, models: dict[str, nn.Module]) -> WuerstchenPipeline | None:
+        parts = {n: self.part(n) for n in ("decoder", "vqgan", "text_encoder", "tokenizer")}
+        if any(v is None for v in parts.values()):
+            return None
+        return WuerstchenPipeline(
+            prior=models["prior"], prior_text_encoder=self.text_encoder, prior_tokenizer=self.tokenizer,
+            semantic=self.semantic if self.semantic_shipped else None, settings=self.settings, **parts,
+        )  # fmt: skip
+
+    def sample(self, models: dict[str, nn.Module], path: Path) -> dict[str, float]:
+        pipe = self.assemble(models)
+        if pipe is None:
+            self.note("no Stage C samples: they need a decoder and VQGAN from --init-from or --pipeline")
+            return {}
+        if not _step_ok(self, pipe):
+            return {}
+        prompts = list(self.cfg.sample_prompts) or [item["caption"] for item in self.eval_items[:4]] or [""]
+        pipe.to(self.device)
+        size = self.cfg.image_size
+        images = pipe(
+            prompts, height=size, width=size, prior_num_inference_steps=self.cfg.sample_steps,
+            num_inference_steps=min(12, self.cfg.sample_steps), seed=self.cfg.seed, prompt_weighting=False,
+        ).images  # fmt: skip
+        save_grid([images], path)
+        return {}
+
+
+# ----------------------------------------------------------------------------- Stage B
+
+
+class StageBTask(Stage):
+    name, component, model_class = "b", "decoder", StageB
+
+    def __init__(self, cfg: StageBTrainConfig, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        self.tokenizer, self.text_encoder = self.load_text(("",))
+        vqgan = self.part("vqgan")
+        if vqgan is None:
+            raise ValueError("Stage B trains on the VQGAN's latents: give --init-from/--pipeline with a vqgan/")
+        self.vqgan = vqgan.to(device).eval().requires_grad_(False)
+        semantic, self.semantic_shipped = self.load_semantic()
+        if cfg.train_semantic:
+            semantic = semantic.train().requires_grad_(True)
+        self.frozen_semantic = None if cfg.train_semantic else semantic
+        decoder = self.build_model()
+        self.module = DecoderLoss(decoder, semantic if cfg.train_semantic else None).to(device)
+        if self.text_encoder.config.hidden_size != self.model_config.clip_embd:
+            raise ValueError(
+                f"the text encoder gives {self.text_encoder.config.hidden_size}-wide states; "
+                f"this decoder expects {self.model_config.clip_embd}"
+            )
+
+    def prepare(self, batch: Batch, generator: torch.Generator, step: int) -> dict[str, Any]:
+        cfg: StageBTrainConfig = self.cfg  # type: ignore[assignment]
+        images = batch["image"].to(self.device)
+        n, (h, w) = images.shape[0], images.shape[-2:]
+        dev = generator.device
+        drop = torch.rand(n, generator=generator, device=dev) < cfg.caption_drop
+        keep = (torch.rand(n, generator=generator, device=dev) >= cfg.semantic_drop).float()
+        # One random downscale per batch (latents in a batch share a shape): the compressor sees the
+        # image at a factor U(min, 1) of its side, floored to its stride (32 px); Stable Cascade's
+        # recipe. 1024 px → 16..32 semantic tokens a side, around the 24 Stage C makes for 1024 px.
+        u = float(torch.rand((), generator=generator, device=dev))
+        scale = cfg.semantic_scale_min + (1 - cfg.semantic_scale_min) * u
+        stride = (self.frozen_semantic or self.module.semantic).config.stride
+        side = (max(1, int(h * scale) // stride), max(1, int(w * scale) // stride))
+        x0 = self.vqgan.encode_latents(images).float()
+        t = sample_t(n, generator)
+        noise = torch.randn(x0.shape, generator=generator, device=dev)
+        inputs = dict(x0=x0, noise=noise, t=t, text=self.encode_text(batch["caption"], drop), keep=keep)
+        if self.frozen_semantic is not None:
+            inputs["effnet"] = self.frozen_semantic.encode(images, size=side).float()
+        else:
+            inputs.update(effnet_images=images, effnet_side=side)
+        return inputs
+
+    def live_models(self, module: nn.Module) -> dict[str, nn.Module]:
+        models = super().live_models(module)
+        return models | ({"semantic": module.semantic} if module.semantic is not None else {})
+
+    def components(self, state: dict[str, Tensor]) -> dict[str, nn.Module]:
+        comps = super().components(state)
+        if self.cfg.train_semantic:
+            sem = _strip(state, "semantic.")
+            comps["semantic"] = build_from_state(SemanticCompressor, self.module.semantic.config, sem, "run")
+        return comps
+
+    def assemble(self, models: dict[str, nn.Module]) -> WuerstchenPipeline | None:
+        semantic = models.get("semantic") or (self.frozen_semantic if self.semantic_shipped else None)
+        return WuerstchenPipeline(
+            prior=self.part("prior"), prior_text_encoder=self.part("prior_text_encoder"),
+            prior_tokenizer=self.part("prior_tokenizer"), decoder=models["decoder"], text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer, vqgan=self.vqgan, settings=self.settings, semantic=semantic,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def sample(self, models: dict[str, nn.Module], path: Path) -> dict[str, float]:
+        """Decode evaluation images from their semantic latents (at Stage C's side): originals on top."""
+        items = [item for item in self.eval_items[:4] if "image" in item]
+        semantic = models.get("semantic") or self.frozen_semantic
+        pipe = WuerstchenPipeline(
+            None, None, None, models["decoder"], self.text_encoder, self.tokenizer, self.vqgan, self.settings
+        )
+        if not items or not _step_ok(self, pipe):
+            return {}
+        images = _images(items, self.device)
+        effnet = semantic.encode(images, size=_latent_side(images.shape[-2:], self.settings))
+        pipe.to(self.device)
+        out = pipe.decode(
+            effnet, prompt=[item["caption"] for item in items], num_inference_steps=self.cfg.sample_steps,
+            seed=self.cfg.seed, prompt_weighting=False,
+        ).images  # fmt: skip
+        save_grid([to_output(images, "pil"), out], path)
+        return {}
+
+
+# ----------------------------------------------------------------------------- Stage A
+
+
+class StageATask(Stage):
+    name, component, model_class = "a", "vqgan", StageA
+
+    def __init__(self, cfg: StageATrainConfig, device: torch.device) -> None:
+        super().__init__(cfg, device)
+        vqgan = self.build_model()
+        disc = PatchDiscriminator() if cfg.adversarial else None
+        self.module = VQGANLoss(vqgan, disc, cfg.recon_loss, cfg.vq_weight, cfg.adv_weight).to(device)
+
+    def prepare(self, batch: Batch, generator: torch.Generator, step: int) -> dict[str, Any]:
+        cfg: StageATrainConfig = self.cfg  # type: ignore[assignment]
+        return dict(images=batch["image"].to(self.device), adversarial=cfg.adversarial and step >= cfg.adv_start)
+
+    def enable_gradient_checkpointing(self) -> None:
+        self.note("Stage A has no gradient checkpointing (it is small); training without it")
+
+    def assemble(self, models: dict[str, nn.Module]) -> WuerstchenPipeline | None:
+        if self.part("decoder") is None and self.part("prior") is None:
+            return None
+        names = ("prior", "prior_text_encoder", "prior_tokenizer", "decoder", "text_encoder", "tokenizer", "semantic")
+        return WuerstchenPipeline(vqgan=models["vqgan"], settings=self.settings, **{n: self.part(n) for n in names})
+
+    @torch.no_grad()
+    def sample(self, models: dict[str, nn.Module], path: Path) -> dict[str, float]:
+        """Reconstruct the evaluation images (quantised, as trained); PSNR over all of them."""
+        items = [item for item in self.eval_items if "image" in item]
+        if not items:
+            return {}
+        vqgan = models["vqgan"]
+        psnrs, shown = [], []
+        for i in range(0, len(items), self.cfg.batch_size):
+            images = _images(items[i : i + self.cfg.batch_size], self.device)
+            out = vqgan(images)[0].float().clamp(0, 1)
+            mse = (out - images).pow(2).flatten(1).mean(dim=1).clamp_min(1e-10)
+            psnrs += (10 * torch.log10(1 / mse)).tolist()
+            if i == 0:
+                shown = [to_output(images[:4], "pil"), to_output(out[:4], "pil")]
+        save_grid(shown, path)
+        return {"psnr": sum(psnrs) / len(psnrs)}
+
+
+TASKS: dict[str, type[Stage]] = {"a": StageATask, "b": StageBTask, "c": StageCTask}
+
+
+def make_stage(cfg: TrainConfig, device: torch.device) -> Stage:
+    """The stage of `cfg` with its frozen parts loaded and its loss module built on `device`."""
+    return TASKS[cfg.stage](cfg, device)
