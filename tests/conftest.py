@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-import pytest
-import torch
+import os
 
-from tiny import diffusers_components
+# The test models are tiny: one thread is as fast as two, and it keeps an oversubscribed machine
+# (the test process beside the server or torchrun processes it starts) from stalling on OpenMP
+# thread hand-offs. Set before torch is imported, so child processes inherit it too.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-torch.set_num_threads(2)
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from tiny import diffusers_components  # noqa: E402
+
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
