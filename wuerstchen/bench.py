@@ -256,12 +256,61 @@ def sdxl_unet_flops() -> float:
     return float(counter.get_total_flops())
 
 
+def official_pipeline(dtype: torch.dtype) -> WuerstchenPipeline:
+    """The official-size stages with random weights, built straight in `dtype` (no fp32 copy of
+    two billion parameters), with 2-layer CLIP text towers of the official widths (the text
+    encoders run once per generation: their depth hardly changes the time)."""
+    from .models.stage_a import STAGE_A_PRESETS, StageA
+    from .models.stage_b import STAGE_B_PRESETS, StageB
+    from .models.stage_c import STAGE_C_PRESETS, StageC
+    from .testing import char_tokenizer, clip_text_model, randomize
+
+    def build(cls, config, seed):
+        with torch.device("meta"):
+            model = cls(config)
+        return randomize(model.to_empty(device="cpu").to(dtype), seed)
+
+    return WuerstchenPipeline(
+        prior=build(StageC, STAGE_C_PRESETS["official-v2"], 1),
+        prior_text_encoder=clip_text_model(2, 1280).to(dtype),
+        prior_tokenizer=char_tokenizer(),
+        decoder=build(StageB, STAGE_B_PRESETS["official-v2"], 3),
+        text_encoder=clip_text_model(4, 1024).to(dtype),
+        tokenizer=char_tokenizer(),
+        vqgan=build(StageA, STAGE_A_PRESETS["official-v2"], 5),
+    )
+
+
+def official_main(args: argparse.Namespace) -> int:
+    """Ours alone at the official size: seconds per image and achieved GFLOP/s."""
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    size, times = args.size, DEFAULT_STAGE_C_TIMESTEPS
+    print(
+        f"# official-size config (random weights), ours, {dtype}, {size}×{size}, prior {len(times) - 1} steps "
+        f"CFG 4, decoder {args.decoder_steps} steps, {args.threads} threads, torch {torch.__version__}"
+    )
+    t0 = time.perf_counter()
+    pipe = official_pipeline(dtype)
+    print(f"built in {time.perf_counter() - t0:.1f} s")
+    seconds, _ = run_once(stage_runners("ours", pipe, size, times, args.decoder_steps))
+    flops = count_flops("ours", pipe, size, times, args.decoder_steps)
+    steps = [len(times) - 1, args.decoder_steps, 1]
+    for stage, s, f, n in zip(STAGES, seconds, flops, steps, strict=True):
+        print(f"  {stage:8} {s:8.1f} s  {n / s:7.3f} steps/s  {f / 1e12:7.2f} TFLOP  {f / 1e9 / s:7.1f} GFLOP/s")
+    print(f"  {'total':8} {sum(seconds):8.1f} s per image  {sum(flops) / 1e12:7.2f} TFLOP  "
+          f"{sum(flops) / 1e9 / sum(seconds):7.1f} GFLOP/s")  # fmt: skip
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
     if args.threads is None:
         args.threads = torch.get_num_threads()
     if args.child:
         child_main(args)
         return 0
+    if args.official:
+        torch.set_num_threads(args.threads)
+        return official_main(args)
     from .testing import random_pipeline
 
     torch.set_num_threads(args.threads)
