@@ -11,7 +11,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 from tiny import diffusers_components  # noqa: E402
 
 torch.set_num_threads(1)

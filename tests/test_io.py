@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
 from tiny import kwargs_of
+
 from wuerstchen import WuerstchenPipeline
 from wuerstchen.cli import main as cli_main
 from wuerstchen.io.checkpoint import WEIGHTS_NAME, load_model

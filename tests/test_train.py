@@ -221,6 +221,8 @@ def test_cli_help_and_mistakes(tmp_path: Path, capsys) -> None:
         (["--config", str(tmp_path / "b.json")], "is a Stage B config"),
         (["--batch-size", "many"], "--batch-size: expected int"),
         (["--strategy", "horovod"], "ddp or fsdp"),
+        (["--settings", '{"resolution_multiplier": 16}'], "--settings: unknown key(s) ['resolution_multiplier']"),
+        (["--settings", "16"], "--settings must be a JSON object"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             main(["train", "c", "--output-dir", str(tmp_path / "run"), *args])

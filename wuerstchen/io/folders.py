@@ -93,7 +93,7 @@ def load_pipeline(
 
     With the official decoder repo id and no `prior`, the official prior repo is used.
     """
-    dtype = dtype or torch_dtype
+    dtype = dtype or torch_dtype or torch.float32  # as diffusers: float32 unless asked, whatever the files hold
     root = resolve_folder(path_or_id)
     index = read_json(root / "model_index.json") if (root / "model_index.json").exists() else {}
     settings: dict[str, Any] = {}
@@ -143,6 +143,14 @@ def load_pipeline(
             logger.info("%s has no prior: decoder-only pipeline (pass prior=... to generate from text)", root)
     elif (root / "prior").is_dir():
         load_prior_part(root, "", index)
+    elif (root / "vqgan").is_dir():
+        # The parts of a model being trained from scratch, before it has a decoder (see save_pipeline).
+        parts["vqgan"] = load_model(StageA, root / "vqgan", dtype)
+        for prefix in ("prior_", ""):
+            enc, tok = f"{prefix}text_encoder", f"{prefix}tokenizer"
+            if (root / enc).is_dir():
+                parts[enc] = _text_encoder(root / enc, _class_of(index, enc), dtype)
+                parts[tok] = _tokenizer(root / tok, _class_of(index, tok))
     else:
         raise FileNotFoundError(
             f"{root}: not a Würstchen pipeline folder (expected prior_prior/ and decoder/, or decoder/, or prior/)"

@@ -92,6 +92,19 @@ SEMANTIC_PRESETS: dict[str, SemanticConfig] = {
         ),
         c_features=64,
     ),
+    # The shipped small model's (wuerstchen.shapes.recipe): stride 16, so a 128 px image gives the
+    # 8 × 8 latent of its Stage C; ~0.2M parameters, trained jointly with Stage B.
+    "small": SemanticConfig(
+        stages=(
+            ("fused", 1, 3, 1, 16, 16, 1),
+            ("fused", 4, 3, 2, 16, 32, 2),
+            ("fused", 4, 3, 2, 32, 48, 2),
+            ("mbconv", 4, 3, 2, 48, 96, 3),
+        ),
+        c_features=256,
+        stochastic_depth_prob=0.0,
+        resolution_multiple=16.0,
+    ),
 }
 
 

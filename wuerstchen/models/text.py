@@ -79,6 +79,31 @@ def _ids_with_weights(tokenizer, runs: list[tuple[str, float]]) -> tuple[list[in
     )
 
 
+# A prompt's words as a person reads them: letters and digits, joined by apostrophes or hyphens
+# ("don't", "sky-blue"), so that a warning names "sky-blue" rather than the fragment "sky".
+_WORD = re.compile(r"[^\W_]+(?:['’\-][^\W_]+)*")
+
+def unknown_words(tokenizer, prompt: str) -> list[str]:
+    """The words of `prompt` that `tokenizer` maps to its unknown token, each once, in order.
+
+    Works for any fast tokenizer: one whose vocabulary covers every text (CLIP's byte-level BPE)
+    simply returns []. For a warning such as "words outside the model's vocabulary: magenta".
+    """
+    unk = tokenizer.unk_token_id
+    if unk is None or not getattr(tokenizer, "is_fast", False):
+        return []
+    enc = tokenizer(prompt, add_special_tokens=False, return_offsets_mapping=True)
+    spans = [span for i, span in zip(enc["input_ids"], enc["offset_mapping"], strict=True) if i == unk]
+    found: list[str] = []
+    for start, end in spans:
+        # The whole word around the unknown piece; the piece itself if it is not part of a word.
+        word = next((m.group() for m in _WORD.finditer(prompt) if m.start() <= start and end <= m.end()), None)
+        word = word or prompt[start:end]
+        if word not in found:
+            found.append(word)
+    return found
+
+
 def encode_prompts(
     tokenizer,
     text_encoder,
@@ -92,6 +117,13 @@ def encode_prompts(
     """
     max_len = tokenizer.model_max_length
     parsed = [parse_weights(p) if weighting else [(p, 1.0)] for p in prompts]
+    for runs in parsed:
+        unknown = unknown_words(tokenizer, "".join(t for t, _ in runs))
+        if unknown:
+            logger.warning(
+                "words outside the text encoder's vocabulary, read as unknown: %s (this model knows only the "
+                "words it was trained on)", ", ".join(unknown),
+            )  # fmt: skip
     plain = all(w == 1.0 for runs in parsed for _, w in runs)
     if plain:
         # No weights: tokenize the (bracket-free) text as a whole, exactly as the reference does.

@@ -56,6 +56,11 @@ class TrainConfig:
     model: str | dict | None = opt(None, "preset (tiny, medium, official-v2), a config.json path, or a JSON object")
     init_from: str | None = opt(None, "pipeline folder or hub id to fine-tune from; frozen parts come from it too")
     pipeline: str | None = opt(None, "pipeline folder or hub id for the frozen parts only (text encoders, VQGAN, ...)")
+    settings: str | dict | None = opt(
+        None,
+        'how the stages fit together, for a model trained from scratch: a JSON object over the pipeline\'s '
+        '(e.g. {"resolution_multiple": 16, "latent_dim_scale": 4}); it overrides those of --pipeline/--init-from',
+    )
     lora_rank: int = opt(0, "train LoRA adapters of this rank on the attention layers (0: full fine-tune)")
     lora_alpha: float | None = opt(None, "LoRA alpha (default: the rank)")
     # scale
@@ -97,6 +102,15 @@ class TrainConfig:
             raise ValueError(f"--strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.fsdp_sharding not in ("shard_grad_op", "full_shard"):
             raise ValueError(f"--fsdp-sharding must be shard_grad_op or full_shard, got {self.fsdp_sharding!r}")
+        if isinstance(self.settings, str):
+            raise ValueError(f"--settings must be a JSON object, got {self.settings!r}")
+        if self.settings is not None:
+            from ..pipeline import PipelineSettings
+
+            unknown = sorted(set(self.settings) - set(PipelineSettings.__dataclass_fields__))
+            if unknown:
+                known = ", ".join(PipelineSettings.__dataclass_fields__)
+                raise ValueError(f"--settings: unknown key(s) {unknown}; known: {known}")
         if self.lora_rank < 0:
             raise ValueError("--lora-rank must not be negative")
         if self.lora_rank and self.strategy == "fsdp":

@@ -16,6 +16,7 @@ clamped to [0.001, 1], per-sample mean squared error of ε, weighted by p2: 1 / 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from pathlib import Path
@@ -221,7 +222,8 @@ class Stage:
         self.init_pipe = _load_pipeline(cfg.init_from)
         self.parts_pipe = _load_pipeline(cfg.pipeline)
         source_pipe = self.parts_pipe or self.init_pipe
-        self.settings = source_pipe.settings if source_pipe else PipelineSettings(default_size=cfg.image_size)
+        settings = source_pipe.settings if source_pipe else PipelineSettings(default_size=cfg.image_size)
+        self.settings = dataclasses.replace(settings, **(cfg.settings or {}))
         self.module: nn.Module
 
     # -- pieces -------------------------------------------------------------------------------
@@ -483,7 +485,8 @@ class StageCTask(Stage):
             return None
         return WuerstchenPipeline(
             prior=models["prior"], prior_text_encoder=self.text_encoder, prior_tokenizer=self.tokenizer,
-            semantic=self.semantic if self.semantic_shipped else None, settings=self.settings, **parts,
+            semantic=self.part("semantic") if self.cache else self.semantic if self.semantic_shipped else None,
+            settings=self.settings, **parts,
         )  # fmt: skip
 
     def sample(self, models: dict[str, nn.Module], path: Path) -> dict[str, float]:

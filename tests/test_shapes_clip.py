@@ -1,0 +1,160 @@
+"""The shapes world's tokenizer and small CLIP: round trips, vocabulary coverage, a short training run.
+
+pytest -q tests/test_shapes_clip.py
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoTokenizer, CLIPModel, CLIPTextModel
+
+from wuerstchen.shapes.clip import CONFIGS, _contrastive, _embed, build_clip, train_clip, training_batch, twin
+from wuerstchen.shapes.tokenizer import BOS, EOS, PAD, UNK, build_tokenizer, unknown_words
+from wuerstchen.shapes.world import HELDOUT_PAIRS, caption, eval_prompts, relation_of, sample_scene, vocabulary
+
+PROMPTS = [
+    "a red circle to the left of a blue square",
+    "Two SMALL green stars, on a grey background.",
+    "a magenta circle above a teal rhombus",
+    "",
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices gain nothing from threads, and on a busy shared machine two threads that wait
+    for each other run several times slower than one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer()
+
+
+def _encode(tok, prompts):
+    return tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True)
+
+
+def test_tokenizer_round_trip(tokenizer, tmp_path):
+    tokenizer.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert loaded.model_max_length == 77
+    assert (loaded.bos_token, loaded.eos_token, loaded.pad_token, loaded.unk_token) == (BOS, EOS, PAD, UNK)
+    assert len(loaded) == len(tokenizer) == len(vocabulary()) + 4
+    a, b = _encode(tokenizer, PROMPTS), _encode(loaded, PROMPTS)
+    assert a["input_ids"] == b["input_ids"] and a["attention_mask"] == b["attention_mask"]
+
+    ids = a["input_ids"][0]
+    words = PROMPTS[0].split()
+    assert len(ids) == 77
+    assert ids[0] == tokenizer.bos_token_id and ids[len(words) + 1] == tokenizer.eos_token_id
+    assert ids[len(words) + 2 :] == [tokenizer.pad_token_id] * (77 - len(words) - 2)
+    assert a["attention_mask"][0] == [1] * (len(words) + 2) + [0] * (77 - len(words) - 2)
+    assert tokenizer.convert_ids_to_tokens(ids[1 : len(words) + 1]) == words
+    # Lower-cased, punctuation dropped: the same ids as the plain caption.
+    assert a["input_ids"][1] == _encode(tokenizer, ["two small green stars on a grey background"])["input_ids"][0]
+    assert a["input_ids"][2].count(tokenizer.unk_token_id) == 2  # magenta, teal
+    assert a["input_ids"][3][:3] == [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
+
+    # Truncation keeps BOS … EOS within 77 tokens.
+    long = loaded(" ".join(["red circle"] * 60), padding="max_length", max_length=77, truncation=True)["input_ids"]
+    assert len(long) == 77 and long[0] == loaded.bos_token_id and long[-1] == loaded.eos_token_id
+    assert long[1:-1] == [loaded.convert_tokens_to_ids("red"), loaded.convert_tokens_to_ids("circle")] * 37 + [
+        loaded.convert_tokens_to_ids("red")
+    ]
+
+
+def test_vocabulary_ids_are_distinct_and_eos_is_largest(tokenizer):
+    ids = tokenizer.convert_tokens_to_ids(vocabulary())
+    assert len(set(ids)) == len(ids) and tokenizer.unk_token_id not in ids
+    # Both of transformers' CLIP pooling rules (first eos_token_id; argmax of ids when it is 2) find EOS.
+    assert tokenizer.eos_token_id == len(tokenizer) - 1 != 2
+
+
+def test_unknown_words(tokenizer):
+    assert unknown_words(tokenizer, "A Magenta circle left of a sky-blue square, don't 2 red") == [
+        "Magenta",
+        "sky-blue",
+        "don't",
+        "2",
+    ]
+    assert unknown_words(tokenizer, "magenta magenta circle") == ["magenta"]
+    assert unknown_words(tokenizer, "A RED circle, to the left of a blue square!") == []
+    rng = np.random.default_rng(0)
+    texts = [caption(sample_scene(rng, split), rng) for split in ("train", "heldout") for _ in range(400)]
+    texts += [p for split in ("train", "heldout") for p, _ in eval_prompts(60, seed=0, split=split)]
+    assert len(texts) >= 500
+    assert [t for t in texts if unknown_words(tokenizer, t)] == []
+
+
+def test_twins_differ_in_one_stated_fact_and_keep_the_split():
+    rng = np.random.default_rng(0)
+    kinds = set()
+    for _ in range(300):
+        scene = sample_scene(rng, "train")
+        other = twin(scene, rng)
+        if other is None:
+            assert scene.kind == "single" or len(scene.objects) == 2
+            continue
+        assert not any(o.pair in HELDOUT_PAIRS for o in other.objects)
+        if scene.kind == "count":
+            assert len(other.objects) == 2 and other.kind == "count"
+        elif other.relation != scene.relation:
+            a, b = other.objects
+            assert other.relation == relation_of(a.cx, a.cy, b.cx, b.cy)
+            assert [o.pair for o in other.objects] == [o.pair for o in scene.objects]
+            kinds.add("relation")
+        else:
+            assert [o.pair for o in other.objects] != [o.pair for o in scene.objects]
+            assert [(o.cx, o.cy) for o in other.objects] == [(o.cx, o.cy) for o in scene.objects]
+            kinds.add("binding")
+    assert kinds == {"relation", "binding"}
+
+
+def test_training_batch_is_a_function_of_seed_and_step():
+    a, b = training_batch(3, 16, seed=5, size=32), training_batch(3, 16, seed=5, size=32)
+    assert a[1] == b[1] and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a[0], b[0], strict=True))
+    assert len(a[0]) == 16 and a[1] != training_batch(4, 16, seed=5, size=32)[1]
+
+
+def test_short_training_lowers_loss_and_writes_a_text_encoder(tokenizer, tmp_path):
+    cfg = CONFIGS["test"]
+    train_clip(tmp_path, steps=40, batch_size=32, seed=0, lr=5e-3, warmup=5, config=cfg, log=lambda s: None)
+
+    # The contrastive loss on batches training never saw, before (same seed: the same init) and after.
+    before, after = build_clip(cfg, tokenizer, seed=0).eval(), CLIPModel.from_pretrained(tmp_path / "clip").eval()
+    with torch.no_grad():
+        losses = [
+            [
+                _contrastive(m, *_embed(m, tokenizer, *training_batch(10_000 + i, 32, seed=0)))[0].item()
+                for i in range(3)
+            ]
+            for m in (before, after)
+        ]
+    assert np.mean(losses[1]) < np.mean(losses[0]) - 0.3, losses
+
+    encoder, info = CLIPTextModel.from_pretrained(tmp_path / "text_encoder", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert encoder.config.eos_token_id == tokenizer.eos_token_id
+    loaded_tok = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    batch = loaded_tok(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+    with torch.no_grad():
+        out = encoder(batch["input_ids"], attention_mask=batch["attention_mask"])
+        ref = after.text_model(batch["input_ids"], attention_mask=batch["attention_mask"])
+        short = loaded_tok(PROMPTS, padding="longest", return_tensors="pt")
+        out_short = encoder(short["input_ids"], attention_mask=short["attention_mask"])
+    assert out.last_hidden_state.shape == (len(PROMPTS), 77, cfg.width)
+    torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state)
+    # Pooled = the state at EOS; and the causal tower gives real tokens the same states whatever the
+    # padding (what lets training pad only to the longest caption).
+    eos = (batch["input_ids"] == tokenizer.eos_token_id).int().argmax(1)
+    torch.testing.assert_close(out.pooler_output, out.last_hidden_state[torch.arange(len(PROMPTS)), eos])
+    n = short["input_ids"].shape[1]
+    mask = short["attention_mask"].bool()
+    torch.testing.assert_close(out_short.last_hidden_state[mask], out.last_hidden_state[:, :n][mask])

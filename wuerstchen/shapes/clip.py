@@ -1,0 +1,416 @@
+"""A small CLIP trained contrastively on the shapes world; its text tower conditions both stages.
+
+    python -m wuerstchen.shapes.clip --out runs/shapes-clip --steps 600     # ~10 min on 2 CPU cores
+
+or from Python:
+
+    from wuerstchen.shapes.clip import train_clip
+    metrics = train_clip("runs/shapes-clip", steps=600)
+
+writes
+    runs/shapes-clip/text_encoder/   a transformers CLIPTextModel: CLIPTextModel.from_pretrained(...)
+    runs/shapes-clip/tokenizer/      the word-level tokenizer (tokenizer.py): AutoTokenizer.from_pretrained(...)
+    runs/shapes-clip/clip/           the whole CLIPModel, the optimizer state (to resume) and metrics.json
+
+The pipeline reads text_encoder/ and tokenizer/ exactly as it reads the official CLIP models.
+
+Training data: ShapesDataset's `train` split rendered at 64 px, plus hard negatives. Random batches
+are told apart by colour and shape alone, which would leave "left of" and "right of" (or which
+object is red) unlearnt; so beside many pair scenes the batch also holds a twin that differs only in
+the relation (the positions mirrored) or in which object has which colour, and beside three-object
+scenes one with an object removed. Twins are built from the scene and captioned by the world's own
+`caption`, so every caption stays true. The `heldout` split (colour–shape pairs training never
+shows) measures retrieval on compositions the model has not seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor
+from transformers import CLIPConfig, CLIPModel, CLIPTextModel
+
+from .tokenizer import build_tokenizer
+from .world import HELDOUT_PAIRS, Scene, ShapesDataset, caption, render, sample_scene
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipConfig:
+    width: int  # text tower: its last_hidden_state is (B, 77, width)
+    layers: int
+    heads: int
+    vision_width: int
+    vision_layers: int
+    vision_heads: int
+    projection_dim: int
+    image_size: int = 64
+    patch_size: int = 8
+    channels: int = 3
+
+
+CONFIGS: dict[str, ClipConfig] = {
+    # Text tower 0.8 M parameters (3.2 MB in float32); the vision tower about the same.
+    "small": ClipConfig(
+        width=128, layers=4, heads=4, vision_width=128, vision_layers=4, vision_heads=4, projection_dim=128
+    ),
+    "test": ClipConfig(
+        width=32, layers=1, heads=2, vision_width=32, vision_layers=1, vision_heads=2, projection_dim=32
+    ),
+}
+
+
+def build_clip(config: ClipConfig, tokenizer, seed: int = 0) -> CLIPModel:
+    """A randomly initialised CLIPModel whose text tower matches `tokenizer` (ids, 77 positions)."""
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=config.width,
+        intermediate_size=4 * config.width,
+        num_hidden_layers=config.layers,
+        num_attention_heads=config.heads,
+        max_position_embeddings=tokenizer.model_max_length,
+        # transformers pools the text at the first `eos_token_id` (or, only when it is 2, at the argmax
+        # of the ids): our EOS is not 2 and is the largest id, so either rule finds it.
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision = dict(
+        image_size=config.image_size,
+        patch_size=config.patch_size,
+        num_channels=config.channels,
+        hidden_size=config.vision_width,
+        intermediate_size=4 * config.vision_width,
+        num_hidden_layers=config.vision_layers,
+        num_attention_heads=config.vision_heads,
+    )
+    torch.manual_seed(seed)
+    return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=config.projection_dim))
+
+
+def image_tensor(images: list[Image.Image], channels: int = 3) -> Tensor:
+    """RGB images → (B, channels, H, W), the vision tower's input: RGB in [-1, 1] (no CLIP mean/std:
+    the tower is trained from scratch on these images only), then with channels=9 also RGB·x and
+    RGB·y, x and y the pixel's coordinates in [-1, 1]."""
+    rgb = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images]))
+    rgb = rgb.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    if channels == 3:
+        return rgb
+    h, w = rgb.shape[-2:]
+    y, x = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    return torch.cat([rgb, rgb * x, rgb * y], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def twin(scene: Scene, rng: np.random.Generator) -> Scene | None:
+    """A scene that differs from `scene` in exactly one stated fact, or None.
+
+    pair: the relation flipped (positions mirrored along the relation's axis), or the two objects'
+    colours swapped (their shapes, if the colours are equal); count of three: one object removed.
+    Never creates a HELDOUT_PAIRS pair, so twins of `train` scenes stay in the `train` split.
+    """
+    objs = scene.objects
+    if scene.kind == "count" and len(objs) == 3:
+        drop = int(rng.integers(3))
+        return dataclasses.replace(scene, objects=tuple(o for i, o in enumerate(objs) if i != drop))
+    if scene.kind != "pair":
+        return None
+    a, b = objs
+    if rng.random() < 0.5:
+        if a.colour != b.colour:
+            a2, b2 = dataclasses.replace(a, colour=b.colour), dataclasses.replace(b, colour=a.colour)
+        else:
+            a2, b2 = dataclasses.replace(a, shape=b.shape), dataclasses.replace(b, shape=a.shape)
+        held = {p in HELDOUT_PAIRS for p in (a.pair, b.pair)}, {p in HELDOUT_PAIRS for p in (a2.pair, b2.pair)}
+        if held[1] <= held[0]:  # no held-out pair appears that the original lacked
+            return dataclasses.replace(scene, objects=(a2, b2))
+    # Mirroring keeps every box on the canvas and apart, and the relation unambiguous.
+    if scene.relation in ("left of", "right of"):
+        return dataclasses.replace(scene, objects=tuple(dataclasses.replace(o, cx=1 - o.cx) for o in objs))
+    return dataclasses.replace(scene, objects=tuple(dataclasses.replace(o, cy=1 - o.cy) for o in objs))
+
+
+def _scene_and_twin(
+    rng: np.random.Generator, split: str, size: int, twins: float
+) -> list[tuple[Image.Image, str, Scene]]:
+    """One random scene of `split` as (image, caption, scene), and with probability `twins` its twin.
+
+    The twin's caption replays the random choices of the original's (prefix, word order, synonyms,
+    background phrase), so the two captions differ only in the words of the fact that differs, the
+    clearest signal of what "left of" or "red square" means."""
+    scene = sample_scene(rng, split)
+    state = rng.bit_generator.state
+    items = [(render(scene, size), caption(scene, rng), scene)]
+    if rng.random() < twins and (other := twin(scene, rng)) is not None:
+        rng.bit_generator.state = state
+        items.append((render(other, size), caption(other, rng), other))
+    return items
+
+
+def training_batch(
+    step: int, batch_size: int, seed: int = 0, size: int = 64, twins: float = 0.5
+) -> tuple[list[Image.Image], list[str]]:
+    """The (images, captions) of one step, from `train` scenes and their twins; a function of
+    (seed, step) only, so a resumed run sees the same batches."""
+    images: list[Image.Image] = []
+    captions: list[str] = []
+    k = 0
+    while len(images) < batch_size:
+        for image, text, _ in _scene_and_twin(np.random.default_rng([seed, step, k]), "train", size, twins):
+            if len(images) < batch_size:
+                images.append(image)
+                captions.append(text)
+        k += 1
+    return images, captions
+
+
+# ---------------------------------------------------------------------------------------------
+# Training and evaluation
+
+
+def _embed(model: CLIPModel, tokenizer, images: list[Image.Image], captions: list[str]) -> tuple[Tensor, Tensor]:
+    """Unit-norm (image, text) embeddings, each (B, projection_dim). Captions are padded to the
+    longest in the batch: the text tower is causal, so real tokens (and the EOS that is pooled)
+    come out exactly as with padding to 77, at a quarter of the cost."""
+    tok = tokenizer(captions, padding="longest", truncation=True, return_tensors="pt")
+    text = model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).pooler_output
+    pixels = image_tensor(images, model.config.vision_config.num_channels)
+    image = model.get_image_features(pixel_values=pixels).pooler_output
+    return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
+
+
+def _contrastive(model: CLIPModel, image: Tensor, text: Tensor) -> tuple[Tensor, float]:
+    """CLIP's symmetric InfoNCE loss and the batch's text→image top-1 accuracy."""
+    logits = model.logit_scale.exp().clamp(max=100) * text @ image.T  # (B texts, B images)
+    target = torch.arange(len(text))
+    loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+    return loss, (logits.argmax(1) == target).float().mean().item()
+
+
+@torch.no_grad()
+def retrieval_accuracy(
+    model: CLIPModel, tokenizer, split: str = "heldout", batches: int = 8, batch_size: int = 64, seed: int = 1
+) -> dict[str, float]:
+    """Top-1 text→image and image→text accuracy within batches of ShapesDataset(`split`) (chance 1/B).
+
+    Captions that are true for more than one image of a batch ("a red circle") count as misses,
+    so 100 % is not always reachable."""
+    model.eval()
+    size = model.config.vision_config.image_size
+    data = ShapesDataset(batches * batch_size, seed=seed, size=size, split=split)
+    t2i = i2t = 0.0
+    for b in range(batches):
+        items = [data[b * batch_size + k] for k in range(batch_size)]
+        image, text = _embed(model, tokenizer, [it[0] for it in items], [it[1] for it in items])
+        sim = text @ image.T
+        target = torch.arange(batch_size)
+        t2i += (sim.argmax(1) == target).float().mean().item() / batches
+        i2t += (sim.argmax(0) == target).float().mean().item() / batches
+    return {"text_to_image": t2i, "image_to_text": i2t}
+
+
+@torch.no_grad()
+def twin_accuracy(model: CLIPModel, tokenizer, split: str = "heldout", n: int = 256, seed: int = 1) -> dict[str, float]:
+    """2-way accuracy (chance 0.5) on `n` scenes and their twins (relation flipped, colours swapped,
+    one object fewer): text_to_image, a caption scores its image above the twin's; image_to_text,
+    an image scores its caption above the twin's caption (which differs only in those words)."""
+    model.eval()
+    size = model.config.vision_config.image_size
+    pairs = []
+    for i in range(20 * n):
+        if len(pairs) == n:
+            break
+        if len(items := _scene_and_twin(np.random.default_rng([seed, 10**6 + i]), split, size, 1.0)) == 2:
+            pairs.append(items)
+    image, text = _embed(model, tokenizer, [p[0][0] for p in pairs], [p[0][1] for p in pairs])
+    other_image, other_text = _embed(model, tokenizer, [p[1][0] for p in pairs], [p[1][1] for p in pairs])
+    own = (text * image).sum(-1)
+    t2i = (own > (text * other_image).sum(-1)).float().mean().item()
+    i2t = (own > (other_text * image).sum(-1)).float().mean().item()
+    return {"text_to_image": t2i, "image_to_text": i2t}
+
+
+@torch.no_grad()
+def compare_prompts(text_encoder: CLIPTextModel, tokenizer, a: str, b: str) -> dict[str, float]:
+    """Cosine similarities of two prompts' text-encoder outputs, as the pipeline computes them
+    (padding to 77): of the pooled (EOS) states, of the whole last_hidden_state (77 × width,
+    flattened), and the lowest over token positions."""
+    tok = tokenizer(
+        [a, b], padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    )
+    out = text_encoder(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+    pooled = F.cosine_similarity(out.pooler_output[0], out.pooler_output[1], dim=0)
+    states = out.last_hidden_state
+    whole = F.cosine_similarity(states[0].flatten(), states[1].flatten(), dim=0)
+    per_token = F.cosine_similarity(states[0], states[1], dim=-1)  # (77,)
+    return {"pooled": pooled.item(), "last_hidden_state": whole.item(), "least_token": per_token.min().item()}
+
+
+def _decays(name: str, p: torch.nn.Parameter) -> bool:
+    """Weight decay on matrices only, not on norms, biases, embeddings or the temperature (as CLIP)."""
+    return p.ndim >= 2 and "embedding" not in name
+
+
+def train_clip(
+    out_dir: str | Path,
+    steps: int = 600,
+    batch_size: int = 64,
+    seed: int = 0,
+    lr: float = 1e-3,
+    warmup: int = 50,
+    weight_decay: float = 0.1,
+    config: str | ClipConfig = "small",
+    twins: float = 0.5,
+    bf16: bool = False,
+    resume: bool = False,
+    log_every: int = 25,
+    eval_every: int = 200,
+    log: Callable[[str], None] = print,
+) -> dict[str, float]:
+    """Train the shapes CLIP and write out_dir/{text_encoder,tokenizer,clip}; returns the final metrics.
+
+    Deterministic from `seed` (model init and every batch). AdamW with linear warm-up then cosine
+    decay to 0. `bf16` runs the forward passes under CPU bf16 autocast (faster where the CPU has
+    AVX512-BF16 or AMX). `resume` continues from out_dir/clip/ if a run stopped early.
+    """
+    out_dir = Path(out_dir)
+    cfg = CONFIGS[config] if isinstance(config, str) else config
+    tokenizer = build_tokenizer()
+    state_file = out_dir / "clip" / "train_state.pt"
+    resuming = resume and state_file.exists()
+    model = CLIPModel.from_pretrained(out_dir / "clip") if resuming else build_clip(cfg, tokenizer, seed)
+    decay = [p for n, p in model.named_parameters() if _decays(n, p)]
+    rest = [p for n, p in model.named_parameters() if not _decays(n, p)]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+        lr=lr, betas=(0.9, 0.98), eps=1e-6,
+    )  # fmt: skip
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    start = 0
+    if resuming:
+        state = torch.load(state_file, weights_only=True)
+        opt.load_state_dict(state["optimizer"])
+        start = state["step"]
+        log(f"resuming at step {start}")
+    # The schedule is a function of the step alone, so a resumed run continues it where it stopped.
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: schedule(start + i))
+
+    size = cfg.image_size
+    metrics: dict[str, float] = {}
+    train_seconds, since_log, clock = 0.0, 0, time.perf_counter()
+    for step in range(start, steps):
+        model.train()
+        images, captions = training_batch(step, batch_size, seed, size, twins)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            image, text = _embed(model, tokenizer, images, captions)
+        loss, acc = _contrastive(model, image, text)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        since_log += 1
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            elapsed = time.perf_counter() - clock
+            train_seconds += elapsed
+            speed = elapsed / since_log
+            log(f"step {step + 1}/{steps}  loss {loss.item():.3f}  batch acc {acc:.2f}  {speed:.2f} s/step")
+            since_log, clock = 0, time.perf_counter()
+        if (step + 1) % eval_every == 0 or step + 1 == steps:
+            train_seconds += time.perf_counter() - clock
+            metrics = _evaluate(model, tokenizer)
+            metrics.update(loss=loss.item(), steps=step + 1, train_seconds=round(train_seconds, 1))
+            log("  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith(("heldout", "train_"))))
+            _save(model, tokenizer, opt, step + 1, metrics, out_dir)
+            since_log, clock = 0, time.perf_counter()  # evaluation and saving are not training time
+    return metrics
+
+
+def _evaluate(model: CLIPModel, tokenizer) -> dict[str, float]:
+    out = {}
+    for split in ("heldout", "train"):  # the train split with another seed: unseen items
+        acc = retrieval_accuracy(model, tokenizer, split, batches=4, batch_size=64, seed=1)
+        out[f"{split}_text_to_image"] = acc["text_to_image"]
+        out[f"{split}_image_to_text"] = acc["image_to_text"]
+        twins = twin_accuracy(model, tokenizer, split, n=256, seed=1)
+        out[f"{split}_twins_text_to_image"] = twins["text_to_image"]
+        out[f"{split}_twins_image_to_text"] = twins["image_to_text"]
+    return out
+
+
+def _save(model: CLIPModel, tokenizer, opt: torch.optim.Optimizer, step: int, metrics: dict, out_dir: Path) -> None:
+    """Write clip/, text_encoder/ and tokenizer/ into a temporary folder, then swap each into place,
+    so a crash while saving leaves the previous save (or none), never a half-written one."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".save.", dir=out_dir))
+    try:
+        model.save_pretrained(tmp / "clip")
+        torch.save({"optimizer": opt.state_dict(), "step": step}, tmp / "clip" / "train_state.pt")
+        (tmp / "clip" / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        # The text tower alone, as the CLIPTextModel the pipeline loads; pooling needs its
+        # eos_token_id, which the text sub-config carries.
+        model.text_model.save_pretrained(tmp / "text_encoder")
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        for name in ("clip", "text_encoder", "tokenizer"):
+            final, old = out_dir / name, out_dir / f".{name}.old"
+            if final.exists():
+                final.rename(old)
+            (tmp / name).rename(final)
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m wuerstchen.shapes.clip", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, help="output folder (text_encoder/, tokenizer/, clip/)")
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--config", choices=sorted(CONFIGS), default="small")
+    p.add_argument("--twins", type=float, default=0.5, help="probability of adding a hard-negative twin")
+    p.add_argument("--bf16", action="store_true", help="CPU bf16 autocast")
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy shared machine)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    train_clip(
+        args.out, args.steps, args.batch_size, args.seed, args.lr, args.warmup,
+        config=args.config, twins=args.twins, bf16=args.bf16, resume=args.resume,
+    )  # fmt: skip
+    encoder = CLIPTextModel.from_pretrained(Path(args.out) / "text_encoder").eval()
+    tokenizer = build_tokenizer()
+    for a, b in (
+        ("a red circle to the left of a blue square", "a red circle to the right of a blue square"),
+        ("a red circle to the left of a blue square", "a blue circle to the left of a red square"),
+        ("a small red circle", "a large red circle"),
+        ("two green stars", "three green stars"),
+    ):
+        sims = compare_prompts(encoder, tokenizer, a, b)
+        print(f"{a!r} vs {b!r}: " + "  ".join(f"{k} {v:.3f}" for k, v in sims.items()))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,272 @@
+"""The recipe of the shipped small model: the shapes world → CLIP → Stage A → Stage B → Stage C.
+
+    python -m wuerstchen.shapes.recipe --out runs/shapes                 # all steps; rerun to resume
+    python -m wuerstchen.shapes.recipe --out runs/shapes --ship wuerstchen/assets/small
+
+Every step but the first two is the project's own `wuerstchen train`; the recipe writes each stage's
+options to OUT/configs/{a,b,c}.json first, so a step can also be run (or resumed) by hand:
+
+    wuerstchen train a --config runs/shapes/configs/a.json --resume
+
+Steps, each skipped once done (a step that was cut off resumes from its newest checkpoint):
+    data     OUT/data/: `--images` renders of the `train` split at 128 px, with captions (.txt);
+             OUT/eval/: renders of the `heldout` split, for samples
+    clip     OUT/clip/: the text encoder (clip.py), contrastive on the same world
+    a        OUT/a/: the VQGAN, f4: 128 px → 32 × 32 × 4
+    parts    OUT/parts/: VQGAN (latent scale measured on the data) + text encoder, as a pipeline
+             folder whose settings say how the stages of this model fit together
+    b        OUT/b/: the decoder and, jointly, the semantic compressor (stride 16: 128 px → 8 × 8 × 16)
+    c        OUT/c/: the prior on a cache of text states and semantic latents; OUT/c/pipeline/ is the model
+    ship     copies OUT/c/pipeline/ to --ship (float16 weights where that keeps it under 25 MB)
+
+The Stage C latent is 16× smaller per side than the image (the official model: 42.67×), and the
+prior's latent is the compressor's output itself (latent_mean 1, latent_std 0: no 42× mapping).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..io.checkpoint import atomic_path, write_json
+
+SIZE = 128
+# How the stages fit together (the pipeline's settings, model_index.json).
+SETTINGS = {
+    "resolution_multiple": 16.0,  # 128 px → an 8 × 8 Stage C latent
+    "latent_dim_scale": 4.0,  # 8 × 8 → the 32 × 32 Stage B / VQGAN latent
+    "latent_mean": 1.0,  # the prior's latent is the semantic latent itself
+    "latent_std": 0.0,
+    "default_size": SIZE,
+}
+STAGE_A_MODEL = {"levels": 2, "embed_dim": 64, "bottleneck_blocks": 2, "num_vq_embeddings": 256, "scale_factor": 1.0}
+STAGE_B_MODEL = {
+    "c_r": 32,
+    "c_cond": 128,
+    "c_hidden": [48, 96, 192],
+    "nhead": [-1, 4, 4],
+    "blocks": [1, 2, 2],
+    "level_config": ["CT", "CTA", "CTA"],
+    "inject_effnet": [False, True, True],
+    "clip_embd": 128,
+    "dropout": 0.0,
+}
+STAGE_C_MODEL = {"c_in": 16, "c": 192, "c_cond": 128, "c_r": 32, "depth": 6, "nhead": 4, "dropout": 0.0}
+
+# bf16 autocast: 1.4-1.6× faster steps on this project's CPUs (AMX), and the GPU default anyway.
+COMMON = {
+    "image_size": SIZE, "num_workers": 0, "log_every": 25, "progress": False, "keep_checkpoints": 2, "bf16": True,
+}  # fmt: skip
+
+
+def stage_configs(out: Path, steps: dict[str, int]) -> dict[str, dict[str, Any]]:
+    """Each stage's `wuerstchen train` options."""
+    data, ev = str(out / "data"), str(out / "eval")
+    ema = {"ema_beta": 0.99, "ema_every": 1}
+    return {
+        "a": COMMON | {
+            "data": data, "eval_data": ev, "holdout": 0, "model": STAGE_A_MODEL, "output_dir": str(out / "a"),
+            "batch_size": 16, "lr": 1e-3, "warmup_steps": 50, "max_steps": steps["a"], "ema_beta": 0.0,
+            "checkpoint_every": 250, "sample_every": 250, "settings": SETTINGS,
+        },
+        "b": COMMON | ema | {
+            "data": data, "eval_data": ev, "pipeline": str(out / "parts"), "semantic": "small",
+            "train_semantic": True, "model": STAGE_B_MODEL, "output_dir": str(out / "b"), "batch_size": 16,
+            "lr": 5e-4, "warmup_steps": 100, "max_steps": steps["b"], "ema_start": steps["b"] // 2,
+            "checkpoint_every": 250, "sample_every": 500, "semantic_scale_min": 0.75, "caption_drop": 0.1,
+        },
+        "c": COMMON | ema | {
+            "data": data, "eval_data": ev, "pipeline": str(out / "b" / "pipeline"), "model": STAGE_C_MODEL,
+            "output_dir": str(out / "c"), "cache": str(out / "c-cache.safetensors"), "batch_size": 48,
+            "lr": 5e-4, "warmup_steps": 100, "max_steps": steps["c"], "ema_start": steps["c"] // 2,
+            "checkpoint_every": 250, "sample_every": 1000, "caption_drop": 0.1, "sample_steps": 20,
+        },
+    }  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- steps
+
+
+def _done(out: Path, step: str) -> bool:
+    return (out / "done" / step).exists()
+
+
+def _mark(out: Path, step: str, info: dict[str, Any]) -> None:
+    write_json(info, out / "done" / step)
+
+
+def render_data(out: Path, n_train: int, n_eval: int, seed: int, log: Callable[[str], None]) -> None:
+    """Renders of the world as an image folder (000123.png + 000123.txt): the training code's input."""
+    from .world import ShapesDataset
+
+    for name, split, n in (("data", "train", n_train), ("eval", "heldout", n_eval)):
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        data = ShapesDataset(n, seed=seed, size=SIZE, split=split)
+        t0 = time.perf_counter()
+        for i in range(n):
+            png, txt = folder / f"{i:06d}.png", folder / f"{i:06d}.txt"
+            if png.exists() and txt.exists():
+                continue
+            image, text, _ = data[i]
+            with atomic_path(png) as tmp:
+                image.save(tmp, format="PNG")
+            with atomic_path(txt) as tmp:
+                tmp.write_text(text + "\n", encoding="utf-8")
+        log(f"data: {n} {split} images in {folder} ({time.perf_counter() - t0:.0f} s)")
+
+
+def train_stage(out: Path, stage: str, options: dict[str, Any]) -> dict[str, Any]:
+    from ..train.config import build_config
+    from ..train.loop import train
+
+    path = out / "configs" / f"{stage}.json"
+    write_json({"stage": stage, **options}, path)
+    cfg = build_config(stage, options, source=str(path))
+    t0 = time.perf_counter()
+    result = train(cfg, resume=True)
+    return {"step": result.step, "seconds": round(time.perf_counter() - t0, 1)}
+
+
+@torch.no_grad()
+def make_parts(out: Path, log: Callable[[str], None]) -> None:
+    """OUT/parts/: the VQGAN with its latent scale measured (so Stage B sees unit-variance latents)
+    and the CLIP text tower for both stages, as a pipeline folder with this model's settings."""
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    from ..io.checkpoint import load_model
+    from ..models.stage_a import StageA
+    from ..pipeline import PipelineSettings, WuerstchenPipeline
+    from ..train.data import FolderDataset
+
+    vqgan = load_model(StageA, out / "a" / "vqgan").eval()
+    data = FolderDataset(out / "data", SIZE)
+    images = torch.stack([data[i]["image"] for i in range(0, min(len(data), 2048), 8)])
+    latents = torch.cat([vqgan.encode(images[i : i + 64]) for i in range(0, len(images), 64)])
+    scale = float(latents.std())
+    vqgan.config = dataclasses.replace(vqgan.config, scale_factor=round(scale, 4))
+    log(f"parts: VQGAN latent std {scale:.4f} → scale_factor")
+    encoder = CLIPTextModel.from_pretrained(out / "clip" / "text_encoder").eval()
+    tokenizer = AutoTokenizer.from_pretrained(out / "clip" / "tokenizer")
+    pipe = WuerstchenPipeline(
+        None, encoder, tokenizer, None, encoder, tokenizer, vqgan, settings=PipelineSettings(**SETTINGS)
+    )
+    pipe.save_pretrained(out / "parts")
+
+
+def ship(out: Path, dest: Path, limit_mb: float, log: Callable[[str], None]) -> None:
+    """Copy the trained pipeline to `dest`; store float16 weights if float32 would exceed `limit_mb`."""
+    from ..pipeline import WuerstchenPipeline
+
+    src = out / "c" / "pipeline"
+    size = sum(f.stat().st_size for f in src.rglob("*") if f.is_file()) / 2**20
+    if size <= limit_mb:
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        shutil.rmtree(dest, ignore_errors=True)
+        tmp.rename(dest)
+    else:
+        WuerstchenPipeline.from_pretrained(src, torch_dtype=torch.float16).save_pretrained(dest)
+    shipped = sum(f.stat().st_size for f in dest.rglob("*") if f.is_file()) / 2**20
+    log(f"ship: {dest} ({shipped:.1f} MB; float32 was {size:.1f} MB)")
+
+
+def _finish_clip(out: Path, job: subprocess.Popen, t0: float) -> None:
+    if job.wait() != 0:
+        raise RuntimeError(f"training the CLIP failed (exit {job.returncode}); rerun the recipe to resume it")
+    metrics = json.loads((out / "clip" / "clip" / "metrics.json").read_text())
+    _mark(out, "clip", metrics | {"seconds": round(time.perf_counter() - t0, 1)})
+
+
+def run(
+    out: Path,
+    n_images: int = 30_000,
+    steps: dict[str, int] | None = None,
+    clip_steps: int = 600,
+    device: str | None = None,
+    seed: int = 0,
+    ship_to: Path | None = None,
+    log: Callable[[str], None] = print,
+) -> None:
+    steps = {"a": 1200, "b": 2500, "c": 3000} | (steps or {})
+    configs = stage_configs(out, steps)
+    if device:
+        configs = {k: v | {"device": device} for k, v in configs.items()}
+    clock = time.perf_counter()
+    if not _done(out, "data"):
+        render_data(out, n_images, 64, seed, log)
+        _mark(out, "data", {"images": n_images})
+    clip_job = None
+    if not _done(out, "clip"):
+        # The CLIP and Stage A need nothing of each other: on a CPU they train side by side, one
+        # thread each, which gets more out of 2 cores than two threads for one small model at a time.
+        cmd = [sys.executable, "-m", "wuerstchen.shapes.clip", "--out", str(out / "clip"), "--steps", str(clip_steps),
+               "--seed", str(seed), "--bf16", "--resume"]  # fmt: skip
+        on_cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
+        if on_cpu and not _done(out, "a"):
+            cmd += ["--threads", "1"]
+        log("clip: " + " ".join(cmd[1:]))
+        t0 = time.perf_counter()
+        clip_job = subprocess.Popen(cmd)
+        if not on_cpu or _done(out, "a"):
+            _finish_clip(out, clip_job, t0)
+            clip_job = None
+    threads = torch.get_num_threads()
+    for stage in ("a", "parts", "b", "c"):
+        if stage == "parts" and clip_job is not None:
+            torch.set_num_threads(threads)
+            _finish_clip(out, clip_job, t0)
+            clip_job = None
+        if _done(out, stage):
+            continue
+        if stage == "a" and clip_job is not None:
+            torch.set_num_threads(1)
+        t1 = time.perf_counter()
+        if stage == "parts":
+            make_parts(out, log)
+            info: dict[str, Any] = {}
+        else:
+            log(f"{stage}: wuerstchen train {stage} --config {out / 'configs' / f'{stage}.json'} --resume")
+            info = train_stage(out, stage, configs[stage])
+        _mark(out, stage, info | {"seconds": round(time.perf_counter() - t1, 1)})
+        log(f"{stage}: done in {time.perf_counter() - t1:.0f} s")
+    log(f"recipe: all steps done ({time.perf_counter() - clock:.0f} s this run)")
+    if ship_to is not None:
+        ship(out, ship_to, 25.0, log)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m wuerstchen.shapes.recipe", description=__doc__.split("\n")[0])
+    p.add_argument("--out", required=True, type=Path, help="run folder (data, stages, checkpoints)")
+    p.add_argument("--images", type=int, default=30_000, help="training renders")
+    p.add_argument("--clip-steps", type=int, default=600)
+    for stage, default in (("a", 1200), ("b", 2500), ("c", 3000)):
+        p.add_argument(f"--{stage}-steps", type=int, default=default, help=f"Stage {stage.upper()} optimizer steps")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ship", type=Path, default=None, help="copy the finished model here (wuerstchen/assets/small)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    steps = {"a": args.a_steps, "b": args.b_steps, "c": args.c_steps}
+    run(args.out, args.images, steps, args.clip_steps, args.device, args.seed, args.ship)
+    print(json.dumps({p.name: json.loads(p.read_text()) for p in sorted((args.out / "done").iterdir())}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
