@@ -190,7 +190,10 @@ def test_train_mode_updates_batchnorm_stats_and_backprops() -> None:
 
 
 @pytest.mark.parametrize("name", sorted(SEMANTIC_PRESETS))
-def test_presets_are_stride_32(name: str) -> None:
+def test_presets_stride_and_input_scale(name: str) -> None:
+    # The official-style presets: stride 32, the trunk sees 0.75 of the image side (1024 → 768 px →
+    # 24); the shipped small model's: stride 16, the image at its own size (128 → 8).
     cfg = SEMANTIC_PRESETS[name]
-    assert cfg.stride == 32
-    assert math.isclose(cfg.input_size(cfg.latent_size(1024)) / 1024, 0.75)
+    stride, scale, side = (16, 1.0, 128) if name == "small" else (32, 0.75, 1024)
+    assert cfg.stride == stride
+    assert math.isclose(cfg.input_size(cfg.latent_size(side)) / side, scale)

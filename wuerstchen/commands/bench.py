@@ -2,6 +2,7 @@
 
 wuerstchen bench                     # medium config, 512×512, CPU
 wuerstchen bench --paper             # also FLOPs per 1024² image: Würstchen v2 vs SDXL
+wuerstchen bench --shipped --repeats 5   # the shipped small model: seconds per image, bf16 vs fp32
 """
 
 import argparse
@@ -17,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paper", action="store_true", help="also count FLOPs per 1024² image: Würstchen v2 vs SDXL")
     p.add_argument("--official", action="store_true", help="ours alone on the official-size config (use --size 1024)")
     p.add_argument("--dtype", default="bfloat16", help="with --official: bfloat16 (default) or float32")
+    p.add_argument("--shipped", action="store_true", help="the shipped small model: s/image, bf16 vs fp32 PSNR")
+    p.add_argument("--model", default=None, help="with --shipped: another model folder")
+    p.add_argument("--images", type=int, default=24, help="with --shipped: prompts for the bf16 vs fp32 PSNR")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
 
