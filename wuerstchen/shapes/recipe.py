@@ -3,24 +3,25 @@
     python -m wuerstchen.shapes.recipe --out runs/shapes                 # all steps; rerun to resume
     python -m wuerstchen.shapes.recipe --out runs/shapes --ship wuerstchen/assets/small
 
-Every step but the first two is the project's own `wuerstchen train`; the recipe writes each stage's
-options to OUT/configs/{a,b,c}.json first, so a step can also be run (or resumed) by hand:
+The training steps are the project's own `wuerstchen train`; the recipe writes each one's options to
+OUT/configs/{a,b,b2,c}.json first, so a step can also be run (or resumed) by hand:
 
     wuerstchen train a --config runs/shapes/configs/a.json --resume
 
 Steps, each skipped once done (a step that was cut off resumes from its newest checkpoint):
     data     OUT/data/: `--images` renders of the `train` split at 128 px, with captions (.txt);
              OUT/eval/: renders of the `heldout` split, for samples
-    clip     OUT/clip/: the text encoder (clip.py), contrastive on the same world
-    a        OUT/a/: the VQGAN, f4: 128 px → 32 × 32 × 4
+    a, clip  OUT/a/: the VQGAN, f4: 128 px → 32 × 32 × 4; beside it OUT/clip/: the text encoder
+             (clip.py), contrastive on the same world
     parts    OUT/parts/: VQGAN (latent scale measured on the data) + text encoder, as a pipeline
              folder whose settings say how the stages of this model fit together
     b        OUT/b/: the decoder and, jointly, the semantic compressor (stride 16: 128 px → 8 × 8 × 16)
-    c        OUT/c/: the prior on a cache of text states and semantic latents; OUT/c/pipeline/ is the model
-    ship     copies OUT/c/pipeline/ to --ship (float16 weights where that keeps it under 25 MB)
+    c, b2    OUT/c/: the prior, on a cache of text states and semantic latents of the now frozen
+             compressor; beside it OUT/b2/: the decoder trained on against the frozen compressor
+    final    OUT/final/: the prior's pipeline with the decoder of b2: the model
+    ship     copies OUT/final/ to --ship (float16 weights where float32 would pass 25 MB)
 
-The Stage C latent is 16× smaller per side than the image (the official model: 42.67×), and the
-prior's latent is the compressor's output itself (latent_mean 1, latent_std 0: no 42× mapping).
+On a CPU the two steps of a phase (a + clip, c + b2) run side by side, one thread each.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -85,6 +87,11 @@ def stage_configs(out: Path, steps: dict[str, int]) -> dict[str, dict[str, Any]]
             "lr": 5e-4, "warmup_steps": 100, "max_steps": steps["b"], "ema_start": steps["b"] // 2,
             "checkpoint_every": 250, "sample_every": 500, "semantic_scale_min": 0.75, "caption_drop": 0.1,
         },
+        "b2": COMMON | ema | {
+            "data": data, "eval_data": ev, "init_from": str(out / "b" / "pipeline"), "output_dir": str(out / "b2"),
+            "batch_size": 16, "lr": 5e-4, "warmup_steps": 50, "max_steps": steps["b2"], "ema_start": 0,
+            "checkpoint_every": 250, "sample_every": 1000, "semantic_scale_min": 0.75, "caption_drop": 0.1,
+        },
         "c": COMMON | ema | {
             "data": data, "eval_data": ev, "pipeline": str(out / "b" / "pipeline"), "model": STAGE_C_MODEL,
             "output_dir": str(out / "c"), "cache": str(out / "c-cache.safetensors"), "batch_size": 48,
@@ -130,9 +137,7 @@ def train_stage(out: Path, stage: str, options: dict[str, Any]) -> dict[str, Any
     from ..train.config import build_config
     from ..train.loop import train
 
-    path = out / "configs" / f"{stage}.json"
-    write_json({"stage": stage, **options}, path)
-    cfg = build_config(stage, options, source=str(path))
+    cfg = build_config(stage, options, source=str(out / "configs" / f"{stage}.json"))
     t0 = time.perf_counter()
     result = train(cfg, resume=True)
     return {"step": result.step, "seconds": round(time.perf_counter() - t0, 1)}
@@ -168,7 +173,7 @@ def ship(out: Path, dest: Path, limit_mb: float, log: Callable[[str], None]) -> 
     """Copy the trained pipeline to `dest`; store float16 weights if float32 would exceed `limit_mb`."""
     from ..pipeline import WuerstchenPipeline
 
-    src = out / "c" / "pipeline"
+    src = out / "final"
     size = sum(f.stat().st_size for f in src.rglob("*") if f.is_file()) / 2**20
     if size <= limit_mb:
         tmp = dest.with_name(f".{dest.name}.tmp")
@@ -182,11 +187,33 @@ def ship(out: Path, dest: Path, limit_mb: float, log: Callable[[str], None]) -> 
     log(f"ship: {dest} ({shipped:.1f} MB; float32 was {size:.1f} MB)")
 
 
-def _finish_clip(out: Path, job: subprocess.Popen, t0: float) -> None:
-    if job.wait() != 0:
-        raise RuntimeError(f"training the CLIP failed (exit {job.returncode}); rerun the recipe to resume it")
-    metrics = json.loads((out / "clip" / "clip" / "metrics.json").read_text())
-    _mark(out, "clip", metrics | {"seconds": round(time.perf_counter() - t0, 1)})
+def assemble_final(out: Path, log: Callable[[str], None]) -> None:
+    """OUT/final/: the prior's pipeline (OUT/c/pipeline) with the decoder trained on (OUT/b2)."""
+    from ..io.checkpoint import load_model
+    from ..models.stage_b import StageB
+    from ..pipeline import WuerstchenPipeline
+
+    pipe = WuerstchenPipeline.from_pretrained(out / "c" / "pipeline")
+    pipe.decoder = load_model(StageB, out / "b2" / "decoder")
+    pipe.save_pretrained(out / "final")
+    log(f"final: {out / 'final'}")
+
+
+def _side_command(out: Path, step: str, clip_steps: int, seed: int) -> list[str]:
+    """The command that runs `step` in a process of its own."""
+    if step == "clip":
+        return [sys.executable, "-m", "wuerstchen.shapes.clip", "--out", str(out / "clip"), "--steps",
+                str(clip_steps), "--seed", str(seed), "--bf16", "--resume"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "wuerstchen",
+        "train",
+        "b",
+        "--config",
+        str(out / "configs" / f"{step}.json"),
+        "--resume",
+    ]
 
 
 def run(
@@ -199,51 +226,67 @@ def run(
     ship_to: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> None:
-    steps = {"a": 1200, "b": 2500, "c": 3000} | (steps or {})
+    steps = {"a": 1200, "b": 2500, "b2": 4000, "c": 2500} | (steps or {})
     configs = stage_configs(out, steps)
     if device:
         configs = {k: v | {"device": device} for k, v in configs.items()}
-    clock = time.perf_counter()
-    if not _done(out, "data"):
-        render_data(out, n_images, 64, seed, log)
-        _mark(out, "data", {"images": n_images})
-    clip_job = None
-    if not _done(out, "clip"):
-        # The CLIP and Stage A need nothing of each other: on a CPU they train side by side, one
-        # thread each, which gets more out of 2 cores than two threads for one small model at a time.
-        cmd = [sys.executable, "-m", "wuerstchen.shapes.clip", "--out", str(out / "clip"), "--steps", str(clip_steps),
-               "--seed", str(seed), "--bf16", "--resume"]  # fmt: skip
-        on_cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
-        if on_cpu and not _done(out, "a"):
-            cmd += ["--threads", "1"]
-        log("clip: " + " ".join(cmd[1:]))
-        t0 = time.perf_counter()
-        clip_job = subprocess.Popen(cmd)
-        if not on_cpu or _done(out, "a"):
-            _finish_clip(out, clip_job, t0)
-            clip_job = None
+    for stage, options in configs.items():
+        write_json({"stage": stage.rstrip("2"), **options}, out / "configs" / f"{stage}.json")
+    on_cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
     threads = torch.get_num_threads()
-    for stage in ("a", "parts", "b", "c"):
-        if stage == "parts" and clip_job is not None:
-            torch.set_num_threads(threads)
-            _finish_clip(out, clip_job, t0)
-            clip_job = None
-        if _done(out, stage):
-            continue
-        if stage == "a" and clip_job is not None:
-            torch.set_num_threads(1)
-        t1 = time.perf_counter()
-        if stage == "parts":
+    clock = time.perf_counter()
+
+    def step_here(step: str) -> None:
+        if _done(out, step):
+            return
+        t0 = time.perf_counter()
+        info: dict[str, Any] = {}
+        if step == "data":
+            render_data(out, n_images, 64, seed, log)
+            info = {"images": n_images}
+        elif step == "parts":
             make_parts(out, log)
-            info: dict[str, Any] = {}
+        elif step == "final":
+            assemble_final(out, log)
         else:
-            log(f"{stage}: wuerstchen train {stage} --config {out / 'configs' / f'{stage}.json'} --resume")
-            info = train_stage(out, stage, configs[stage])
-        _mark(out, stage, info | {"seconds": round(time.perf_counter() - t1, 1)})
-        log(f"{stage}: done in {time.perf_counter() - t1:.0f} s")
+            log(f"{step}: wuerstchen train {step} --config {out / 'configs' / f'{step}.json'} --resume")
+            info = train_stage(out, step, configs[step])
+        _mark(out, step, info | {"seconds": round(time.perf_counter() - t0, 1)})
+        log(f"{step}: done in {time.perf_counter() - t0:.0f} s")
+
+    # Each phase is one step, or a step here and one beside it that needs nothing of the other. On a
+    # CPU the two run side by side with one thread each: two small models at a time get more out of
+    # 2 cores than two threads for one (about 1.3× here). On a GPU they run one after the other.
+    phases = [("data", None), ("a", "clip"), ("parts", None), ("b", None), ("c", "b2"), ("final", None)]
+    for here, beside in phases:
+        job = None
+        if beside is not None and not _done(out, beside):
+            cmd = _side_command(out, beside, clip_steps, seed)
+            env = {**os.environ, "OMP_NUM_THREADS": "1"} if on_cpu else None
+            log(f"{beside}: " + " ".join(cmd[1:]))
+            t0 = time.perf_counter()
+            job = subprocess.Popen(cmd, env=env)
+            if not on_cpu:
+                _finish(out, beside, job, t0)
+                job = None
+        if job is not None:
+            torch.set_num_threads(1)
+        try:
+            step_here(here)
+        finally:
+            torch.set_num_threads(threads)
+        if job is not None:
+            _finish(out, beside, job, t0)
     log(f"recipe: all steps done ({time.perf_counter() - clock:.0f} s this run)")
     if ship_to is not None:
         ship(out, ship_to, 25.0, log)
+
+
+def _finish(out: Path, step: str, job: subprocess.Popen, t0: float) -> None:
+    if job.wait() != 0:
+        raise RuntimeError(f"step {step} failed (exit {job.returncode}); rerun the recipe to resume it")
+    info = json.loads((out / "clip" / "clip" / "metrics.json").read_text()) if step == "clip" else {}
+    _mark(out, step, info | {"seconds": round(time.perf_counter() - t0, 1)})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -251,8 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, type=Path, help="run folder (data, stages, checkpoints)")
     p.add_argument("--images", type=int, default=30_000, help="training renders")
     p.add_argument("--clip-steps", type=int, default=600)
-    for stage, default in (("a", 1200), ("b", 2500), ("c", 3000)):
-        p.add_argument(f"--{stage}-steps", type=int, default=default, help=f"Stage {stage.upper()} optimizer steps")
+    for stage, default in (("a", 1200), ("b", 2500), ("b2", 4000), ("c", 2500)):
+        p.add_argument(f"--{stage}-steps", type=int, default=default, help=f"optimizer steps of step {stage}")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0)
@@ -263,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    steps = {"a": args.a_steps, "b": args.b_steps, "c": args.c_steps}
+    steps = {"a": args.a_steps, "b": args.b_steps, "b2": args.b2_steps, "c": args.c_steps}
     run(args.out, args.images, steps, args.clip_steps, args.device, args.seed, args.ship)
     print(json.dumps({p.name: json.loads(p.read_text()) for p in sorted((args.out / "done").iterdir())}, indent=1))
 
