@@ -135,6 +135,17 @@ def test_offload_gives_the_same_image(tiny_folder, pipe, kind):
     assert torch.equal(offloaded("a red circle", seed=6, **FAST).images, pipe("a red circle", seed=6, **FAST).images)
 
 
+def test_compile_gives_the_same_image(tiny_folder, pipe):
+    # inductor with freezing (weights folded into the graph) on the prior, decoder and VQGAN decode;
+    # fusing reorders float32 arithmetic, hence a tolerance rather than equality.
+    compiled = WuerstchenPipeline.from_pretrained(tiny_folder)
+    compiled.compile()
+    assert set(compiled._compiled) == {"prior", "decoder", "vqgan"}
+    args = dict(FAST, prior_num_inference_steps=2)
+    want = pipe("a red circle", seed=5, **args).images
+    assert (compiled("a red circle", seed=5, **args).images - want).abs().max() <= 1e-4
+
+
 def test_parse_weights():
     assert parse_weights("a (red:1.5) circle") == [("a ", 1.0), ("red", 1.5), (" circle", 1.0)]
     assert parse_weights("(big) [dim] \\(literal\\)") == [("big", 1.1), (" ", 1.0), ("dim", 1 / 1.1),

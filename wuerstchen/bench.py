@@ -85,7 +85,7 @@ def stage_runners(impl: str, pipe: Any, size: int, prior_times: list[float], dec
         lambda emb, g: (
             pipe.decode(emb, PROMPT, num_inference_steps=decoder_steps, generator=g, output_type="latent").images
         ),
-        lambda lat, g: pipe.vqgan.decode_latents(lat.to(pipe.vqgan.out_block[0].weight.dtype)).float(),
+        lambda lat, g: pipe.decode_latents(lat),
     ]
 
 
@@ -367,12 +367,21 @@ def main(args: argparse.Namespace) -> int:
             "ours fp32": WuerstchenPipeline.from_pretrained(folder),
             "ours bf16": WuerstchenPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16),
         }
+        if args.compile:
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                pipe = WuerstchenPipeline.from_pretrained(folder, torch_dtype=dtype)
+                pipe.compile()
+                impls[f"ours {name} compiled"] = pipe
         runners = {
             name: stage_runners("diffusers" if name.startswith("diffusers") else "ours", p, size, times, decoder_steps)
             for name, p in impls.items()
         }
         results: dict[str, list[list[float]]] = {name: [] for name in impls}
         outputs: dict[str, list[torch.Tensor]] = {}
+        compile_seconds = {}
+        for name in impls:
+            if name.endswith("compiled"):  # the first call compiles each stage: not part of the timing
+                compile_seconds[name] = sum(run_once(runners[name])[0])
         for _ in range(args.warmup):
             for name in impls:
                 run_once(runners[name])
@@ -380,35 +389,44 @@ def main(args: argparse.Namespace) -> int:
             for name in impls:
                 seconds, outputs[name] = run_once(runners[name])
                 results[name].append(seconds)
+        # FLOPs are counted in eager mode (a compiled model does the same arithmetic).
         flops = {
             name: count_flops("diffusers" if name.startswith("diffusers") else "ours", p, size, times, decoder_steps)
             for name, p in impls.items()
+            if not name.endswith("compiled")
         }
-        memory = {name: measure_in_child(name.replace(" ", "-"), folder, args) for name in impls}
+        flops |= {name: flops[name.removesuffix(" compiled")] for name in impls if name.endswith("compiled")}
+        eager = [name for name in impls if not name.endswith("compiled")]
+        memory = {name: measure_in_child(name.replace(" ", "-"), folder, args) for name in eager}
         ablation = ablations(impls["ours fp32"], size, times, decoder_steps)
 
     steps = [len(times) - 1, decoder_steps, 1]
     best = {name: [min(r[i] for r in rs) for i in range(3)] for name, rs in results.items()}
-    print(f"\n{'implementation':16} {'stage':8} {'seconds':>8} {'steps/s':>8} {'GFLOP':>9} {'GFLOP/s':>8}")
+    print(f"\n{'implementation':20} {'stage':8} {'seconds':>8} {'steps/s':>8} {'GFLOP':>9} {'GFLOP/s':>8}")
     for name in impls:
         for i, stage in enumerate(STAGES):
             s = best[name][i]
-            print(f"{name:16} {stage:8} {s:8.3f} {steps[i] / s:8.2f} {flops[name][i] / 1e9:9.1f} "
+            print(f"{name:20} {stage:8} {s:8.3f} {steps[i] / s:8.2f} {flops[name][i] / 1e9:9.1f} "
                   f"{flops[name][i] / 1e9 / s:8.1f}")  # fmt: skip
         total = sum(best[name])
-        print(f"{name:16} {'total':8} {total:8.3f} {'':8} {sum(flops[name]) / 1e9:9.1f} "
+        print(f"{name:20} {'total':8} {total:8.3f} {'':8} {sum(flops[name]) / 1e9:9.1f} "
               f"{sum(flops[name]) / 1e9 / total:8.1f}")  # fmt: skip
     ref_total = sum(best["diffusers fp32"])
+    for name, seconds in compile_seconds.items():
+        print(f"{name}: the first call (compiling each stage) took {seconds:.1f} s")
     print("\nspeed-up against diffusers fp32 (best of the repeats, whole generation):")
-    for name in ("ours fp32", "ours bf16"):
+    for name in [n for n in impls if n.startswith("ours")]:
         per_stage = ", ".join(f"{st} {best['diffusers fp32'][i] / best[name][i]:.2f}×" for i, st in enumerate(STAGES))
         print(f"  {name}: {ref_total / sum(best[name]):.2f}× ({per_stage})")
     ref_img, ours_img = outputs["diffusers fp32"][2], outputs["ours fp32"][2]
     print(f"\nmax |ours fp32 − diffusers fp32|: image {(ours_img - ref_img).abs().max():.2e}, "
           f"prior latents {(outputs['ours fp32'][0] - outputs['diffusers fp32'][0]).abs().max():.2e}, "
           f"decoder latents {(outputs['ours fp32'][1] - outputs['diffusers fp32'][1]).abs().max():.2e}")  # fmt: skip
-    a, b = outputs["ours fp32"][1], outputs["ours bf16"][1]
-    print(f"ours bf16 decoder latents vs ours fp32: mean relative error {(a - b).abs().mean() / a.abs().mean():.2%}")
+    a = outputs["ours fp32"][1]
+    for name in [n for n in impls if n.startswith("ours") and n != "ours fp32"]:
+        b = outputs[name][1]
+        print(f"{name} decoder latents vs ours fp32: mean relative error {(a - b).abs().mean() / a.abs().mean():.2%}"
+              f"; max |image − diffusers fp32| {(outputs[name][2] - ref_img).abs().max():.2e}")  # fmt: skip
     print("\nfresh process each (load, then one generation): load s, weights MiB, peak RSS MiB above the baseline")
     for name, m in memory.items():
         print(

@@ -83,6 +83,7 @@ def _ids_with_weights(tokenizer, runs: list[tuple[str, float]]) -> tuple[list[in
 # ("don't", "sky-blue"), so that a warning names "sky-blue" rather than the fragment "sky".
 _WORD = re.compile(r"[^\W_]+(?:['’\-][^\W_]+)*")
 
+
 def unknown_words(tokenizer, prompt: str) -> list[str]:
     """The words of `prompt` that `tokenizer` maps to its unknown token, each once, in order.
 

@@ -58,7 +58,7 @@ class TrainConfig:
     pipeline: str | None = opt(None, "pipeline folder or hub id for the frozen parts only (text encoders, VQGAN, ...)")
     settings: str | dict | None = opt(
         None,
-        'how the stages fit together, for a model trained from scratch: a JSON object over the pipeline\'s '
+        "how the stages fit together, for a model trained from scratch: a JSON object over the pipeline's "
         '(e.g. {"resolution_multiple": 16, "latent_dim_scale": 4}); it overrides those of --pipeline/--init-from',
     )
     lora_rank: int = opt(0, "train LoRA adapters of this rank on the attention layers (0: full fine-tune)")
