@@ -56,9 +56,13 @@ class GlobalResponseNorm(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # ‖x‖ over H, W as √Σx² with a float32 sum: the same norm, 5–10× faster on a CPU than
-        # `linalg.vector_norm` over the two non-innermost dims of an NHWC tensor.
-        g = x.square().sum(dim=(1, 2), keepdim=True, dtype=torch.float32).sqrt().to(x.dtype)
+        if torch.is_grad_enabled():
+            # vector_norm's gradient is 0 where a channel is all zeros; √Σx²'s would be inf·0 = NaN.
+            g = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
+        else:
+            # ‖x‖ over H, W as √Σx² with a float32 sum: the same norm, 5–10× faster on a CPU than
+            # `linalg.vector_norm` over the two non-innermost dims of an NHWC tensor.
+            g = x.square().sum(dim=(1, 2), keepdim=True, dtype=torch.float32).sqrt().to(x.dtype)
         n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
         return self.gamma * (x * n) + self.beta + x
 
