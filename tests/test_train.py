@@ -223,8 +223,21 @@ def test_cli_help_and_mistakes(tmp_path: Path, capsys) -> None:
         (["--strategy", "horovod"], "ddp or fsdp"),
         (["--settings", '{"resolution_multiplier": 16}'], "--settings: unknown key(s) ['resolution_multiplier']"),
         (["--settings", "16"], "--settings must be a JSON object"),
+        (["--loss-weighting", "snr"], "--loss-weighting must be p2 or uniform"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             main(["train", "c", "--output-dir", str(tmp_path / "run"), *args])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_loss_weighting() -> None:
+    from wuerstchen.train.stages import diffusion_loss, p2_weight
+
+    g = torch.Generator().manual_seed(0)
+    pred, noise = torch.randn(4, 3, 5, 5, generator=g), torch.randn(4, 3, 5, 5, generator=g)
+    t = torch.tensor([0.1, 0.4, 0.7, 1.0])
+    per_sample = (pred - noise).pow(2).flatten(1).mean(1)
+    assert torch.allclose(diffusion_loss(pred, noise, t, "uniform"), per_sample.mean())
+    assert torch.allclose(diffusion_loss(pred, noise, t), (per_sample * p2_weight(t)).mean())
+    assert p2_weight(t)[0] < 0.1 < 0.9 < p2_weight(t)[-1]  # little weight on low noise, nearly 1 at t = 1

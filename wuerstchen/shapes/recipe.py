@@ -91,6 +91,9 @@ def stage_configs(out: Path, steps: dict[str, int]) -> dict[str, dict[str, Any]]
             "data": data, "eval_data": ev, "init_from": str(out / "b" / "pipeline"), "output_dir": str(out / "b2"),
             "batch_size": 16, "lr": 5e-4, "warmup_steps": 50, "max_steps": steps["b2"], "ema_start": 0,
             "checkpoint_every": 250, "sample_every": 1000, "semantic_scale_min": 0.75, "caption_drop": 0.1,
+            # p2 gives low noise levels little weight: this small decoder then draws blobs where the
+            # shapes are; the plain ε loss teaches it the edges.
+            "loss_weighting": "uniform",
         },
         "c": COMMON | ema | {
             "data": data, "eval_data": ev, "pipeline": str(out / "b" / "pipeline"), "model": STAGE_C_MODEL,

@@ -138,11 +138,18 @@ class DiffusionTrainConfig(TrainConfig):
         None, "semantic compressor: model folder, or a preset (tiny, official-v2: random init) (default: pipeline's)"
     )
     caption_drop: float = opt(0.05, "probability of training on the empty caption (for classifier-free guidance)")
+    loss_weighting: str = opt(
+        "p2",
+        "weight of each sample's ε loss: p2 (official: 1 − ᾱ, little weight on low noise) or uniform "
+        "(plain ε MSE: more weight on low noise, where a small model learns sharp detail)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.caption_drop <= 1:
             raise ValueError(f"--caption-drop must be in [0, 1], got {self.caption_drop}")
+        if self.loss_weighting not in ("p2", "uniform"):
+            raise ValueError(f"--loss-weighting must be p2 or uniform, got {self.loss_weighting!r}")
 
 
 @dataclass(frozen=True)

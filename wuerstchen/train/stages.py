@@ -59,10 +59,13 @@ def p2_weight(t: Tensor) -> Tensor:
     return 1 / (1 + ab / (1 - ab))
 
 
-def diffusion_loss(pred: Tensor, noise: Tensor, t: Tensor) -> Tensor:
-    """p2-weighted mean over the batch of each sample's mean squared ε error (in float32)."""
+def diffusion_loss(pred: Tensor, noise: Tensor, t: Tensor, weighting: str = "p2") -> Tensor:
+    """Mean over the batch of each sample's mean squared ε error (in float32), p2-weighted (the
+    official loss) or, with `weighting="uniform"`, not weighted."""
     per_sample = (pred.float() - noise.float()).pow(2).flatten(1).mean(dim=1)
-    return (per_sample * p2_weight(t)).mean()
+    if weighting == "p2":
+        per_sample = per_sample * p2_weight(t)
+    return per_sample.mean()
 
 
 # ----------------------------------------------------------------------------- loss modules
@@ -71,23 +74,25 @@ def diffusion_loss(pred: Tensor, noise: Tensor, t: Tensor) -> Tensor:
 class PriorLoss(nn.Module):
     """Stage C: x0 (B, 16, h, w) semantic latents, text (B, 77, c_cond)."""
 
-    def __init__(self, prior: StageC) -> None:
+    def __init__(self, prior: StageC, weighting: str = "p2") -> None:
         super().__init__()
         self.model = prior
+        self.weighting = weighting
 
     def forward(self, x0: Tensor, noise: Tensor, t: Tensor, text: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         pred = self.model(add_noise(x0, noise, t), t, text)
-        return diffusion_loss(pred, noise, t), {}
+        return diffusion_loss(pred, noise, t, self.weighting), {}
 
 
 class DecoderLoss(nn.Module):
     """Stage B: x0 (B, 4, H/4, W/4) VQGAN latents; the semantic latent is given (frozen compressor)
     or computed here from `effnet_images` (compressor trained jointly)."""
 
-    def __init__(self, decoder: StageB, semantic: SemanticCompressor | None = None) -> None:
+    def __init__(self, decoder: StageB, semantic: SemanticCompressor | None = None, weighting: str = "p2") -> None:
         super().__init__()
         self.model = decoder
         self.semantic = semantic
+        self.weighting = weighting
 
     def forward(
         self,
@@ -104,7 +109,7 @@ class DecoderLoss(nn.Module):
             effnet = self.semantic.encode(effnet_images, size=effnet_side)
         effnet = effnet * keep.view(-1, 1, 1, 1)  # the condition zeroed for some samples
         pred = self.model(add_noise(x0, noise, t), t, effnet, text)
-        return diffusion_loss(pred, noise, t), {}
+        return diffusion_loss(pred, noise, t, self.weighting), {}
 
 
 class PatchDiscriminator(nn.Module):
@@ -449,7 +454,7 @@ class StageCTask(Stage):
             self.semantic, self.semantic_shipped = None, False
         else:
             self.semantic, self.semantic_shipped = self.load_semantic()
-        self.module = PriorLoss(self.build_model()).to(device)
+        self.module = PriorLoss(self.build_model(), cfg.loss_weighting).to(device)
         width = getattr(self.text_encoder.config, "hidden_size", None)
         if width is not None and width != self.model_config.c_cond:
             expected = self.model_config.c_cond
@@ -525,7 +530,7 @@ class StageBTask(Stage):
             semantic = semantic.train().requires_grad_(True)
         self.frozen_semantic = None if cfg.train_semantic else semantic
         decoder = self.build_model()
-        self.module = DecoderLoss(decoder, semantic if cfg.train_semantic else None).to(device)
+        self.module = DecoderLoss(decoder, semantic if cfg.train_semantic else None, cfg.loss_weighting).to(device)
         if self.text_encoder.config.hidden_size != self.model_config.clip_embd:
             raise ValueError(
                 f"the text encoder gives {self.text_encoder.config.hidden_size}-wide states; "
