@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -177,6 +176,13 @@ def _current_rss_kib() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
 
+def _peak_rss_kib() -> int:
+    """This process's peak RSS since its exec (VmHWM). Not `ru_maxrss`: Linux carries the parent's
+    RSS at fork into it, so a child of a large benchmark process would report the parent's size."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+
+
 def child_main(args: argparse.Namespace) -> None:
     """In a fresh process: load one implementation, generate once, print load time and peak RSS."""
     torch.set_num_threads(args.threads)
@@ -198,7 +204,7 @@ def child_main(args: argparse.Namespace) -> None:
     after_load = _current_rss_kib()
     impl = "diffusers" if args.child.startswith("diffusers") else "ours"
     run_once(stage_runners(impl, pipe, args.size, DEFAULT_STAGE_C_TIMESTEPS, args.decoder_steps))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _peak_rss_kib()
     print(json.dumps({"load_s": load, "load_mib": (after_load - base) / 1024, "peak_mib": (peak - base) / 1024}))
 
 

@@ -53,16 +53,28 @@ class MixingResidualBlock(nn.Module):
         self.gammas = nn.Parameter(torch.zeros(6))
 
     def forward(self, x: Tensor) -> Tensor:
+        if not torch.is_grad_enabled():
+            return self._forward_lean(x)
         g = self.gammas
         c = x.shape[1]
         h = F.layer_norm(x.permute(0, 2, 3, 1), (c,), eps=1e-6) * (1 + g[0]) + g[1]
         x = x + self.depthwise(h.permute(0, 3, 1, 2)) * g[2]
         h = F.layer_norm(x.permute(0, 2, 3, 1), (c,), eps=1e-6) * (1 + g[3]) + g[4]
-        if torch.is_grad_enabled():
-            return x + self.channelwise(h).permute(0, 3, 1, 2) * g[5]
-        # Inference: the MLP's 4×-wide hidden activation (and its GELU copy) is the decoder's peak
-        # memory at full resolution (2 × 805 MB for a 1024² image with the official VQGAN), so it
-        # runs on bands of rows and adds into x, which is this block's own new tensor.
+        return x + self.channelwise(h).permute(0, 3, 1, 2) * g[5]
+
+    def _forward_lean(self, x: Tensor) -> Tensor:
+        """`forward` at inference, the same arithmetic with fewer full-size tensors alive: the
+        decoder's last blocks run at full resolution and set the pipeline's peak memory. Scale and
+        shift are applied in place, the MLP's 4×-wide hidden activation (and its GELU copy: 2 × 805 MB
+        for a 1024² image with the official VQGAN) is made for bands of rows at a time, and the
+        residuals are added into tensors this block made itself (never into the caller's `x`)."""
+        g = self.gammas
+        c = x.shape[1]
+        h = F.layer_norm(x.permute(0, 2, 3, 1), (c,), eps=1e-6).mul_(1 + g[0]).add_(g[1])
+        d = self.depthwise(h.permute(0, 3, 1, 2))
+        del h
+        x = d.mul_(g[2]).add_(x)
+        h = F.layer_norm(x.permute(0, 2, 3, 1), (c,), eps=1e-6).mul_(1 + g[3]).add_(g[4])
         out = x.permute(0, 2, 3, 1)  # NHWC view of x
         b, height, width, _ = h.shape
         rows = max(1, self.band_elements // (b * width * self.channelwise[0].out_features))
