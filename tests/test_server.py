@@ -219,8 +219,9 @@ def test_cancel_queue_limit_and_running_job(server: str) -> None:
 
 def test_events_stream_progress_preview_and_png_metadata(server: str) -> None:
     body = {"prompt": "a blue square", "negative_prompt": "blur", "num_images": 2, "seed": 11, "prior_steps": 3}
-    # 8 decoder steps keep the job running (and its last preview available) while the stream connects.
-    status, job = call(server + "/api/jobs", {**body, "decoder_steps": 8})
+    # 40 decoder steps keep the job running (and its last preview available) while the stream connects:
+    # a stream that connects after the job ended gets its log but no preview (8 steps raced it).
+    status, job = call(server + "/api/jobs", {**body, "decoder_steps": 40})
     assert status == 202 and job["seed"] == 11 and job["seeds"] == [11, 12]
     events: list[tuple[str, dict[str, Any]]] = []
     with urllib.request.urlopen(f"{server}/api/jobs/{job['id']}/events", timeout=60) as stream:
@@ -233,7 +234,7 @@ def test_events_stream_progress_preview_and_png_metadata(server: str) -> None:
             elif line.startswith("data: "):
                 events.append((name, json.loads(line[6:])))
     steps = [(d["stage"], d["step"]) for n, d in events if n == "progress"]
-    assert steps == [("prior", i) for i in (1, 2, 3)] + [("decoder", i) for i in range(1, 9)] + [("vqgan", 1)]
+    assert steps == [("prior", i) for i in (1, 2, 3)] + [("decoder", i) for i in range(1, 41)] + [("vqgan", 1)]
     previews = [png(base64.b64decode(d["image"])) for n, d in events if n == "preview"]
     assert previews and previews[-1].height >= 128  # a 3×3 latent, upscaled
     final = events[-1][1]
@@ -245,7 +246,7 @@ def test_events_stream_progress_preview_and_png_metadata(server: str) -> None:
         params = json.loads(image.text["wuerstchen"])
         assert image.size == (128, 128) and item["seed"] == params["seed"] == 11 + i
         assert params["prompt"] == "a blue square" and params["negative_prompt"] == "blur"
-        assert params["prior_steps"] == 3 and params["decoder_steps"] == 8 and len(params["prior_timesteps"]) == 4
+        assert params["prior_steps"] == 3 and params["decoder_steps"] == 40 and len(params["prior_timesteps"]) == 4
         assert "Seed: " + str(11 + i) in image.text["parameters"]
     _, with_b64 = call(f"{server}/api/jobs/{job['id']}?b64=true")
     assert base64.b64decode(with_b64["images"][0]["b64_json"]) == call(server + final["images"][0]["url"])[1]
@@ -256,7 +257,7 @@ def test_events_stream_progress_preview_and_png_metadata(server: str) -> None:
     assert ids[0] == 3 and ids[-1] == len(events) - sum(n == "preview" for n, _ in events) - 1
 
     # Image 1 of the batch is image 0 of a run seeded 12: each image can be made again alone.
-    status, alone = call(server + "/api/jobs", {**body, "num_images": 1, "seed": 12, "decoder_steps": 8})
+    status, alone = call(server + "/api/jobs", {**body, "num_images": 1, "seed": 12, "decoder_steps": 40})
     alone = wait_for(server, alone["id"], ("done",))
     batch_pixels = np.asarray(png(call(server + final["images"][1]["url"])[1])).astype(int)
     alone_pixels = np.asarray(png(call(server + alone["images"][0]["url"])[1])).astype(int)

@@ -229,7 +229,7 @@ def run(
     ship_to: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> None:
-    steps = {"a": 1200, "b": 2500, "b2": 5000, "c": 2500} | (steps or {})
+    steps = {"a": 1200, "b": 2500, "b2": 5500, "c": 2500} | (steps or {})
     configs = stage_configs(out, steps)
     if device:
         configs = {k: v | {"device": device} for k, v in configs.items()}
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, type=Path, help="run folder (data, stages, checkpoints)")
     p.add_argument("--images", type=int, default=30_000, help="training renders")
     p.add_argument("--clip-steps", type=int, default=600)
-    for stage, default in (("a", 1200), ("b", 2500), ("b2", 5000), ("c", 2500)):
+    for stage, default in (("a", 1200), ("b", 2500), ("b2", 5500), ("c", 2500)):
         p.add_argument(f"--{stage}-steps", type=int, default=default, help=f"optimizer steps of step {stage}")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
