@@ -65,6 +65,10 @@ STAGE_B_MODEL = {
 }
 STAGE_C_MODEL = {"c_in": 16, "c": 192, "c_cond": 128, "c_r": 32, "depth": 6, "nhead": 4, "dropout": 0.0}
 
+# Optimizer steps of each training step (`--{step}-steps`), and the `wuerstchen train` stage each runs.
+DEFAULT_STEPS = {"a": 1200, "b": 2500, "b2": 5500, "c": 2500}
+TRAINS = {"a": "a", "b": "b", "b2": "b", "c": "c"}
+
 # bf16 autocast: 1.4-1.6× faster steps on this project's CPUs (AMX), and the GPU default anyway.
 COMMON = {
     "image_size": SIZE, "num_workers": 0, "log_every": 25, "progress": False, "keep_checkpoints": 2, "bf16": True,
@@ -207,16 +211,8 @@ def _side_command(out: Path, step: str, clip_steps: int, seed: int) -> list[str]
     if step == "clip":
         return [sys.executable, "-m", "wuerstchen.shapes.clip", "--out", str(out / "clip"), "--steps",
                 str(clip_steps), "--seed", str(seed), "--bf16", "--resume"]  # fmt: skip
-    return [
-        sys.executable,
-        "-m",
-        "wuerstchen",
-        "train",
-        "b",
-        "--config",
-        str(out / "configs" / f"{step}.json"),
-        "--resume",
-    ]
+    config = out / "configs" / f"{step}.json"
+    return [sys.executable, "-m", "wuerstchen", "train", TRAINS[step], "--config", str(config), "--resume"]
 
 
 def run(
@@ -229,12 +225,12 @@ def run(
     ship_to: Path | None = None,
     log: Callable[[str], None] = print,
 ) -> None:
-    steps = {"a": 1200, "b": 2500, "b2": 5500, "c": 2500} | (steps or {})
+    steps = DEFAULT_STEPS | (steps or {})
     configs = stage_configs(out, steps)
     if device:
         configs = {k: v | {"device": device} for k, v in configs.items()}
     for stage, options in configs.items():
-        write_json({"stage": stage.rstrip("2"), **options}, out / "configs" / f"{stage}.json")
+        write_json({"stage": TRAINS[stage], **options}, out / "configs" / f"{stage}.json")
     on_cpu = (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cpu"
     threads = torch.get_num_threads()
     clock = time.perf_counter()
@@ -297,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", required=True, type=Path, help="run folder (data, stages, checkpoints)")
     p.add_argument("--images", type=int, default=30_000, help="training renders")
     p.add_argument("--clip-steps", type=int, default=600)
-    for stage, default in (("a", 1200), ("b", 2500), ("b2", 5500), ("c", 2500)):
+    for stage, default in DEFAULT_STEPS.items():
         p.add_argument(f"--{stage}-steps", type=int, default=default, help=f"optimizer steps of step {stage}")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -309,7 +305,7 @@ def main(argv: list[str] | None = None) -> None:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    steps = {"a": args.a_steps, "b": args.b_steps, "b2": args.b2_steps, "c": args.c_steps}
+    steps = {stage: getattr(args, f"{stage}_steps") for stage in DEFAULT_STEPS}
     run(args.out, args.images, steps, args.clip_steps, args.device, args.seed, args.ship)
     print(json.dumps({p.name: json.loads(p.read_text()) for p in sorted((args.out / "done").iterdir())}, indent=1))
 
