@@ -1,8 +1,10 @@
 """The shared building blocks: the fast inference path of GlobalResponseNorm against the training
-path, and finite gradients where a channel is all zeros (as GELU underflow makes in bfloat16)."""
+path, and finite gradients where a channel is all zeros (as GELU underflow makes in bfloat16);
+Stage B's semantic condition projected once per generation against concatenated at every step."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from wuerstchen.models.blocks import GlobalResponseNorm
@@ -29,3 +31,24 @@ def test_gradient_is_finite_where_a_channel_is_zero():
     x.requires_grad_(True)
     grn(x).square().sum().backward()
     assert torch.isfinite(x.grad).all() and torch.isfinite(grn.gamma.grad).all()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_projected_semantic_condition_gives_the_same_noise_estimate(dtype, tol):
+    from wuerstchen.models.stage_b import STAGE_B_PRESETS, StageB
+
+    torch.manual_seed(0)
+    decoder = StageB(STAGE_B_PRESETS["tiny"]).eval()
+    for p in decoder.parameters():  # official init leaves parts at zero; make every path count
+        torch.nn.init.normal_(p, std=0.2)
+    decoder.to(dtype)
+    x, r = torch.randn(2, 4, 16, 16, dtype=dtype), torch.tensor([0.3, 0.8])
+    effnet, clip = torch.randn(2, 16, 4, 4, dtype=dtype), torch.randn(2, 5, 32, dtype=dtype)
+    with torch.no_grad():
+        cond = decoder.condition(effnet, clip, (16, 16))
+        decoder.project_effnet = False
+        plain_cond = decoder.condition(effnet, clip, (16, 16))
+        assert cond.projected and any(p is not None for level in cond.projected for p in level)
+        assert not plain_cond.projected
+        projected, plain = decoder(x, r, cond=cond).float(), decoder(x, r, cond=plain_cond).float()
+    assert (projected - plain).abs().max() <= tol * plain.abs().max(), (projected - plain).abs().max()

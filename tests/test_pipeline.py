@@ -118,6 +118,11 @@ def test_bfloat16_runs_end_to_end_close_to_float32(tiny_folder):
     b = bf16("a red circle", seed=4, **args).images
     assert b.dtype == torch.float32 and torch.isfinite(b).all()
     assert (a - b).abs().mean() <= 0.03
+    # diffusers' forms of `to`: a dtype alone casts every model and gives the same image
+    cast = WuerstchenPipeline.from_pretrained(tiny_folder).to(torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for m in cast.modules().values() for p in m.parameters())
+    assert torch.equal(cast("a red circle", seed=4, **args).images, b)
+    assert cast.to("cpu", torch.float32).prior.projection.weight.dtype == torch.float32
 
 
 def test_float16_overflow_is_detected(tiny_folder):

@@ -241,3 +241,31 @@ def test_loss_weighting() -> None:
     assert torch.allclose(diffusion_loss(pred, noise, t, "uniform"), per_sample.mean())
     assert torch.allclose(diffusion_loss(pred, noise, t), (per_sample * p2_weight(t)).mean())
     assert p2_weight(t)[0] < 0.1 < 0.9 < p2_weight(t)[-1]  # little weight on low noise, nearly 1 at t = 1
+
+
+def test_semantic_reconstruction_head(tmp_path: Path, tiny_folder: Path, capsys) -> None:
+    """--semantic-recon: the jointly trained compressor also learns to reconstruct the VQGAN latent
+    through a training-only head; its loss falls and the exported model has no trace of the head."""
+    from safetensors.torch import load_file
+
+    from wuerstchen.cli import main
+
+    data = make_data(tmp_path / "data", n=8, size=64)
+    values = QUIET | dict(
+        data=str(data), pipeline=str(tiny_folder), model="tiny", semantic="tiny", train_semantic=True,
+        semantic_recon=1.0, semantic_scale_min=1.0, image_size=64, batch_size=8, lr=3e-3, max_steps=20,
+        output_dir=str(tmp_path / "run"),
+    )  # fmt: skip
+    train(build_config("b", values))
+    lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    recon = [r["recon"] for r in lines if r["kind"] == "train"]
+    assert len(recon) == 20 and np.mean(recon[-5:]) < 0.5 * np.mean(recon[:5]), recon
+    exported = tmp_path / "run" / "pipeline"
+    keys = [k for f in exported.rglob("*.safetensors") for k in load_file(f)]
+    assert keys and not any("head" in k for k in keys)
+    assert (exported / "semantic").is_dir()
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "b", "--output-dir", str(tmp_path / "other"), "--semantic-recon", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "needs --train-semantic" in err and len(err.strip().splitlines()) == 1

@@ -162,6 +162,11 @@ def ablations(pipe: WuerstchenPipeline, size: int, prior_times: list[float], dec
     results = {"all speed-ups": run(True, True)}
     results["text K/V every step"] = run(False, True)
     results["CFG as two passes"] = run(True, False)
+    decoder.project_effnet = False
+    try:
+        results["semantic projection every step"] = run(True, True)
+    finally:
+        decoder.project_effnet = True
     with (
         mock.patch.object(blocks, "to_channels_last", identity),
         mock.patch.object(stage_b, "to_channels_last", identity),
@@ -445,7 +450,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"  {name} / diffusers fp32: load time {m['load_s'] / ref_m['load_s']:.2f}×, peak memory {ratio:.2f}×")
     print("\nours fp32, the two sampling loops (prior + decoder) with one speed-up taken away at a time:")
     for name, seconds in ablation.items():
-        print(f"  {name:22} {seconds:7.2f} s  ({seconds / ablation['all speed-ups']:.2f}× the time)")
+        print(f"  {name:31} {seconds:7.2f} s  ({seconds / ablation['all speed-ups']:.2f}× the time)")
     if args.paper:
         w, sdxl = paper_flops()
         print(f"\nFLOPs per 1024² image (torch's FLOP counter, official configs): Würstchen v2 {w / 1e12:.0f} TFLOP "

@@ -172,7 +172,15 @@ class WuerstchenPipeline:
     def device(self) -> torch.device:
         return self._device
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> WuerstchenPipeline:
+    def to(
+        self, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None
+    ) -> WuerstchenPipeline:
+        """Move and/or cast every model, as diffusers allows: `to("cuda")`, `to(torch.bfloat16)`,
+        `to("cuda", torch.bfloat16)`."""
+        if isinstance(device, torch.dtype):
+            if dtype is not None:
+                raise TypeError("pipe.to(dtype) takes one dtype: use pipe.to(device, dtype)")
+            device, dtype = None, device
         if device is not None:
             self._device = torch.device(device)
         for m in self.modules().values():

@@ -183,6 +183,11 @@ class StageBTrainConfig(DiffusionTrainConfig):
     train_semantic: bool = opt(False, "train the semantic compressor jointly (v1) instead of freezing it (v2)")
     semantic_drop: float = opt(0.1, "probability of zeroing the semantic condition (official: 5-10%%)")
     semantic_scale_min: float = opt(0.5, "the semantic compressor sees the image downscaled by U(this, 1)")
+    semantic_recon: float = opt(
+        0.0,
+        "with --train-semantic: weight of a reconstruction loss that makes the compressor's latent carry "
+        "the image (a small head decodes the VQGAN latent from it; training only). 0: off",
+    )
 
     stage = "b"
 
@@ -197,6 +202,8 @@ class StageBTrainConfig(DiffusionTrainConfig):
             raise ValueError(f"--semantic-drop must be in [0, 1], got {self.semantic_drop}")
         if not 0 < self.semantic_scale_min <= 1:
             raise ValueError(f"--semantic-scale-min must be in (0, 1], got {self.semantic_scale_min}")
+        if self.semantic_recon < 0 or (self.semantic_recon > 0 and not self.train_semantic):
+            raise ValueError("--semantic-recon must be ≥ 0 and needs --train-semantic (a frozen compressor learns nothing)")
 
 
 @dataclass(frozen=True)

@@ -84,15 +84,37 @@ class PriorLoss(nn.Module):
         return diffusion_loss(pred, noise, t, self.weighting), {}
 
 
+class ReconstructionHead(nn.Module):
+    """Training-only head: the semantic latent (B, 16, h, w) → the VQGAN latent (B, 4, H, W). Its
+    loss gives a jointly trained compressor a direct reason to keep what the image shows (shape,
+    not only colour and place), which the decoder's ε loss alone teaches weakly."""
+
+    def __init__(self, c_in: int = 16, c_out: int = 4, c: int = 96) -> None:
+        super().__init__()
+        self.low = nn.Sequential(nn.Conv2d(c_in, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, c, 3, padding=1), nn.GELU())
+        self.high = nn.Sequential(
+            nn.Conv2d(c, c // 2, 3, padding=1), nn.GELU(), nn.Conv2d(c // 2, c // 2, 3, padding=1), nn.GELU(),
+            nn.Conv2d(c // 2, c_out, 1),
+        )  # fmt: skip
+
+    def forward(self, latent: Tensor, size: tuple[int, int]) -> Tensor:
+        return self.high(F.interpolate(self.low(latent), size=size, mode="bilinear", align_corners=False))
+
+
 class DecoderLoss(nn.Module):
     """Stage B: x0 (B, 4, H/4, W/4) VQGAN latents; the semantic latent is given (frozen compressor)
-    or computed here from `effnet_images` (compressor trained jointly)."""
+    or computed here from `effnet_images` (compressor trained jointly, optionally with a
+    reconstruction loss of weight `recon` through a ReconstructionHead)."""
 
-    def __init__(self, decoder: StageB, semantic: SemanticCompressor | None = None, weighting: str = "p2") -> None:
+    def __init__(
+        self, decoder: StageB, semantic: SemanticCompressor | None = None, weighting: str = "p2", recon: float = 0.0
+    ) -> None:
         super().__init__()
         self.model = decoder
         self.semantic = semantic
         self.weighting = weighting
+        self.recon = recon
+        self.head = ReconstructionHead(semantic.config.c_out, decoder.config.c_in) if semantic and recon > 0 else None
 
     def forward(
         self,
@@ -105,11 +127,17 @@ class DecoderLoss(nn.Module):
         effnet_images: Tensor | None = None,
         effnet_side: tuple[int, int] = (1, 1),
     ) -> tuple[Tensor, dict[str, Tensor]]:
+        logs: dict[str, Tensor] = {}
+        extra: Tensor | float = 0.0
         if self.semantic is not None:
             effnet = self.semantic.encode(effnet_images, size=effnet_side)
+            if self.head is not None:
+                recon = F.mse_loss(self.head(effnet, x0.shape[-2:]).float(), x0.float())
+                extra, logs["recon"] = self.recon * recon, recon.detach()
         effnet = effnet * keep.view(-1, 1, 1, 1)  # the condition zeroed for some samples
         pred = self.model(add_noise(x0, noise, t), t, effnet, text)
-        return diffusion_loss(pred, noise, t, self.weighting), {}
+        loss = diffusion_loss(pred, noise, t, self.weighting)
+        return loss + extra, logs | ({"eps": loss.detach()} if logs else {})
 
 
 class PatchDiscriminator(nn.Module):
@@ -530,7 +558,9 @@ class StageBTask(Stage):
             semantic = semantic.train().requires_grad_(True)
         self.frozen_semantic = None if cfg.train_semantic else semantic
         decoder = self.build_model()
-        self.module = DecoderLoss(decoder, semantic if cfg.train_semantic else None, cfg.loss_weighting).to(device)
+        self.module = DecoderLoss(
+            decoder, semantic if cfg.train_semantic else None, cfg.loss_weighting, cfg.semantic_recon
+        ).to(device)
         if self.text_encoder.config.hidden_size != self.model_config.clip_embd:
             raise ValueError(
                 f"the text encoder gives {self.text_encoder.config.hidden_size}-wide states; "
