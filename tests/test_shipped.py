@@ -100,8 +100,11 @@ def test_eval_command(tmp_path, capsys):
     for split in ("train", "heldout"):
         assert report[split]["real renders"]["colour_shape_acc"] == 1.0
         assert 0 <= report[split]["model"]["colour_acc"] <= 1
-    assert report["reconstruction"]["stage_a_psnr"] > 20 and report["reconstruction"]["stage_b_psnr"] > 10
-    assert "held-out renders" in capsys.readouterr().out
+    rec = report["reconstruction"]
+    assert rec["stage_a_psnr"] > 20 and rec["stage_b_psnr"] > 10
+    assert 0 <= rec["stage_b_exact_acc"] <= rec["stage_b_colour_shape_acc"] <= 1
+    text = capsys.readouterr().out
+    assert "held-out renders" in text and "Stage B decoding the renders' own semantic latents" in text
 
 
 def test_recipe_runs_end_to_end(tmp_path):

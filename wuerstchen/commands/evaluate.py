@@ -61,22 +61,25 @@ def generate(pipe, prompts: list[str], args: argparse.Namespace, seed: int) -> l
 
 def reconstruction_psnr(pipe, n: int, seed: int, steps: int) -> dict[str, float | None]:
     """Mean PSNR (dB) of Stage A's reconstruction (quantised) and of Stage B's decode of the semantic
-    latent (the model's own compressor), on `n` renders of the held-out split."""
+    latent (the model's own compressor), on `n` renders of the held-out split; and how often Stage
+    B's decode shows the render's objects (colour+shape, exact): the decoder's share of the errors,
+    apart from the prior's."""
     import numpy as np
     import torch
 
     from ..pipeline import to_output
     from ..shapes import ShapesDataset
-    from ..shapes.evaluate import psnr
+    from ..shapes.evaluate import evaluate, psnr
 
     size = pipe.settings.default_size
     data = ShapesDataset(n, seed=seed + 1, size=size, split="heldout")
-    renders, captions = zip(*((im, cap) for im, cap, _ in (data[i] for i in range(n))), strict=True)
+    renders, captions, scenes = zip(*(data[i] for i in range(n)), strict=True)
     device = next(pipe.vqgan.parameters()).device
     dtype = next(pipe.vqgan.parameters()).dtype
     x = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in renders])
     x = (x.float() / 255).to(device, dtype)
     out: dict[str, float | None] = {"stage_a_psnr": None, "stage_b_psnr": None}
+    out |= {"stage_b_colour_shape_acc": None, "stage_b_exact_acc": None}
     with torch.no_grad():
         rec = torch.cat([pipe.vqgan(x[i : i + 16])[0] for i in range(0, n, 16)]).float().clamp(0, 1)
     out["stage_a_psnr"] = _mean_psnr(renders, to_output(rec, "pil"), psnr)
@@ -89,6 +92,8 @@ def reconstruction_psnr(pipe, n: int, seed: int, steps: int) -> dict[str, float 
                 effnet, prompt=list(captions[i : i + 16]), num_inference_steps=steps, seed=seed + i
             ).images
         out["stage_b_psnr"] = _mean_psnr(renders, decoded, psnr)
+        scores = evaluate(decoded, list(scenes))
+        out["stage_b_colour_shape_acc"], out["stage_b_exact_acc"] = scores["colour_shape_acc"], scores["exact_acc"]
     return out
 
 
@@ -135,6 +140,11 @@ def print_report(report: dict[str, Any]) -> None:
     if rec:
         parts = [f"Stage {s} {rec[f'stage_{s.lower()}_psnr']:.2f} dB" for s in "AB" if rec[f"stage_{s.lower()}_psnr"]]
         print("reconstruction PSNR on held-out renders: " + ", ".join(parts or ["–"]))
+        if rec.get("stage_b_exact_acc") is not None:
+            print(
+                f"Stage B decoding the renders' own semantic latents: colour+shape {_fmt(rec['stage_b_colour_shape_acc'])},"
+                f" exact {_fmt(rec['stage_b_exact_acc'])}"
+            )
         if rec["stage_b_psnr"] is None:
             print("(no Stage B PSNR: the model folder has no semantic/ compressor)")
 

@@ -63,6 +63,9 @@ STAGE_B_MODEL = {
     "clip_embd": 128,
     "dropout": 0.0,
 }
+# The final decoder (step b2), trained from scratch against the frozen compressor: patch size 1, so
+# each level-0 token is one latent pixel (patch 2 decoders, trained 8000 steps, still drew blobs).
+STAGE_B2_MODEL = STAGE_B_MODEL | {"patch_size": 1}
 STAGE_C_MODEL = {"c_in": 16, "c": 192, "c_cond": 128, "c_r": 32, "depth": 6, "nhead": 4, "dropout": 0.0}
 
 # Optimizer steps of each training step (`--{step}-steps`), and the `wuerstchen train` stage each runs.
@@ -97,8 +100,9 @@ def stage_configs(out: Path, steps: dict[str, int]) -> dict[str, dict[str, Any]]
             "semantic_recon": 1.0,
         },
         "b2": COMMON | ema | {
-            "data": data, "eval_data": ev, "init_from": str(out / "b" / "pipeline"), "output_dir": str(out / "b2"),
-            "batch_size": 16, "lr": 5e-4, "warmup_steps": 50, "max_steps": steps["b2"], "ema_start": 0,
+            "data": data, "eval_data": ev, "pipeline": str(out / "b" / "pipeline"),
+            "semantic": str(out / "b" / "pipeline"), "model": STAGE_B2_MODEL, "output_dir": str(out / "b2"),
+            "batch_size": 16, "lr": 1e-3, "warmup_steps": 100, "max_steps": steps["b2"], "ema_start": 0,
             "checkpoint_every": 250, "sample_every": 1000, "semantic_scale_min": 1.0, "caption_drop": 0.1,
             # p2 gives low noise levels little weight: this small decoder then draws blobs where the
             # shapes are; the plain ε loss teaches it the edges.
