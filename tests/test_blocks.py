@@ -52,3 +52,20 @@ def test_projected_semantic_condition_gives_the_same_noise_estimate(dtype, tol):
         assert not plain_cond.projected
         projected, plain = decoder(x, r, cond=cond).float(), decoder(x, r, cond=plain_cond).float()
     assert (projected - plain).abs().max() <= tol * plain.abs().max(), (projected - plain).abs().max()
+
+
+def test_prior_copies_equal_a_repeated_batch():
+    """StageC(copies=2) on one copy of x equals the plain pass on torch.cat([x, x]) (CFG's batch)."""
+    from wuerstchen.models.stage_c import STAGE_C_PRESETS, StageC
+
+    torch.manual_seed(0)
+    prior = StageC(STAGE_C_PRESETS["tiny"]).eval()
+    for p in prior.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x, r, clip = torch.randn(2, 16, 3, 3), torch.tensor([0.3, 0.8]), torch.randn(4, 5, 32)
+    with torch.no_grad():
+        kv = prior.condition(clip)
+        shared = prior(x, r, kv=kv, copies=2)
+        plain = prior(torch.cat([x, x]), torch.cat([r, r]), kv=kv)
+    assert shared.shape == plain.shape == (4, 16, 3, 3)
+    assert (shared - plain).abs().max() <= 1e-5 * plain.abs().max()

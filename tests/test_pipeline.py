@@ -54,14 +54,16 @@ def test_wrong_types_are_refused(pipe):
 
 def test_guidance_at_most_one_turns_cfg_off(pipe):
     calls = []
-    pipe.prior.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0]))
+    pipe.prior.register_forward_hook(lambda m, a, o: calls.append((a[0].shape[0], o.shape[0])))
     try:
         off = pipe("a red circle", prior_guidance_scale=1.0, seed=3, **FAST).images
         zero = pipe("a red circle", prior_guidance_scale=0.0, seed=3, **FAST).images
-        assert set(calls) == {1}  # one pass per step, no unconditional half
+        assert set(calls) == {(1, 1)}  # one pass per step, no unconditional half
         calls.clear()
         on = pipe("a red circle", prior_guidance_scale=4.0, seed=3, **FAST).images
-        assert set(calls) == {2}  # CFG: conditional and unconditional in one batched pass
+        # CFG: conditional and unconditional in one batched pass; the latent goes in once, the
+        # blocks before the first attention run once for both halves
+        assert set(calls) == {(1, 2)}
     finally:
         pipe.prior._forward_hooks.clear()
     assert torch.equal(off, zero)

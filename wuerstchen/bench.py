@@ -145,7 +145,7 @@ def ablations(pipe: WuerstchenPipeline, size: int, prior_times: list[float], dec
             if not batched_cfg:
                 c, u = (prior(x, r, kv=k) for k in kv_halves)
             elif cache_text:
-                c, u = prior(torch.cat([x, x]), torch.cat([r, r]), kv=kv).chunk(2)
+                c, u = prior(x, r, kv=kv, copies=2).chunk(2)
             else:  # the reference's way: the text part of K/V recomputed at every step
                 c, u = prior(torch.cat([x, x]), torch.cat([r, r]), text).chunk(2)
             return torch.lerp(u, c, 4.0)

@@ -427,7 +427,7 @@ class WuerstchenPipeline:
             def denoise(x: Tensor, r: Tensor) -> Tensor:
                 if not cfg:
                     return prior(x.to(dtype), r, kv=kv).float()
-                eps_cond, eps_uncond = prior(torch.cat([x, x]).to(dtype), torch.cat([r, r]), kv=kv).float().chunk(2)
+                eps_cond, eps_uncond = prior(x.to(dtype), r, kv=kv, copies=2).float().chunk(2)
                 return torch.lerp(eps_uncond, eps_cond, guidance_scale)
 
             callback = self._step_callback(callback_on_step_end, step_hook, "prior", len(times) - 1)

@@ -67,7 +67,15 @@ class StageC(nn.Module):
         clip: Tensor | None = None,
         *,
         kv: list[tuple[Tensor, Tensor]] | None = None,
+        copies: int = 1,
     ) -> Tensor:
+        """Noise estimate for x (B, c_in, h, w) at times r (B,).
+
+        `copies` > 1: x and r hold each row once for `copies` rows of the batch the text K/V are for
+        (classifier-free guidance: the conditioned and unconditioned rows share x and r). Up to the
+        first attention block nothing sees the text, so those blocks run once per row; the output
+        has `copies`·B rows, copy-major like `torch.cat([x] * copies)`.
+        """
         if kv is None:
             if clip is None:
                 raise ValueError("StageC.forward needs the text states `clip` or their precomputed `kv`")
@@ -78,6 +86,9 @@ class StageC(nn.Module):
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
             if isinstance(block, AttnBlock):
+                if copies > 1:  # from here on the rows differ
+                    h = to_channels_last(torch.cat([h] * copies))
+                    x, r_emb, copies = torch.cat([x] * copies), torch.cat([r_emb] * copies), 1
                 args = (h, next(kv_iter))
             elif isinstance(block, TimestepBlock):
                 args = (h, r_emb)
