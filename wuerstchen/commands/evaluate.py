@@ -76,7 +76,7 @@ def reconstruction_psnr(pipe, n: int, seed: int, steps: int) -> dict[str, float 
     renders, captions, scenes = zip(*(data[i] for i in range(n)), strict=True)
     device = next(pipe.vqgan.parameters()).device
     dtype = next(pipe.vqgan.parameters()).dtype
-    x = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in renders])
+    x = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in renders])
     x = (x.float() / 255).to(device, dtype)
     out: dict[str, float | None] = {"stage_a_psnr": None, "stage_b_psnr": None}
     out |= {"stage_b_colour_shape_acc": None, "stage_b_exact_acc": None}

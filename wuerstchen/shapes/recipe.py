@@ -69,7 +69,7 @@ STAGE_B2_MODEL = STAGE_B_MODEL | {"patch_size": 1}
 STAGE_C_MODEL = {"c_in": 16, "c": 192, "c_cond": 128, "c_r": 32, "depth": 6, "nhead": 4, "dropout": 0.0}
 
 # Optimizer steps of each training step (`--{step}-steps`), and the `wuerstchen train` stage each runs.
-DEFAULT_STEPS = {"a": 1200, "b": 2500, "b2": 5500, "c": 4000}
+DEFAULT_STEPS = {"a": 1200, "b": 2500, "b2": 2250, "c": 4000}
 TRAINS = {"a": "a", "b": "b", "b2": "b", "c": "c"}
 
 # bf16 autocast: 1.4-1.6× faster steps on this project's CPUs (AMX), and the GPU default anyway.
