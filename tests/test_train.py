@@ -265,6 +265,7 @@ def test_semantic_reconstruction_head(tmp_path: Path, tiny_folder: Path, capsys)
     assert keys and not any("head" in k for k in keys)
     assert (exported / "semantic").is_dir()
 
+    capsys.readouterr()  # what training printed
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "b", "--output-dir", str(tmp_path / "other"), "--semantic-recon", "1"])
     err = capsys.readouterr().err

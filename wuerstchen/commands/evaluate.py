@@ -141,10 +141,8 @@ def print_report(report: dict[str, Any]) -> None:
         parts = [f"Stage {s} {rec[f'stage_{s.lower()}_psnr']:.2f} dB" for s in "AB" if rec[f"stage_{s.lower()}_psnr"]]
         print("reconstruction PSNR on held-out renders: " + ", ".join(parts or ["–"]))
         if rec.get("stage_b_exact_acc") is not None:
-            print(
-                f"Stage B decoding the renders' own semantic latents: colour+shape {_fmt(rec['stage_b_colour_shape_acc'])},"
-                f" exact {_fmt(rec['stage_b_exact_acc'])}"
-            )
+            shape, exact = _fmt(rec["stage_b_colour_shape_acc"]), _fmt(rec["stage_b_exact_acc"])
+            print(f"Stage B decoding the renders' own semantic latents: colour+shape {shape}, exact {exact}")
         if rec["stage_b_psnr"] is None:
             print("(no Stage B PSNR: the model folder has no semantic/ compressor)")
 

@@ -203,7 +203,9 @@ class StageBTrainConfig(DiffusionTrainConfig):
         if not 0 < self.semantic_scale_min <= 1:
             raise ValueError(f"--semantic-scale-min must be in (0, 1], got {self.semantic_scale_min}")
         if self.semantic_recon < 0 or (self.semantic_recon > 0 and not self.train_semantic):
-            raise ValueError("--semantic-recon must be ≥ 0 and needs --train-semantic (a frozen compressor learns nothing)")
+            raise ValueError(
+                "--semantic-recon must be ≥ 0 and needs --train-semantic (a frozen compressor learns nothing)"
+            )
 
 
 @dataclass(frozen=True)

@@ -114,7 +114,11 @@ class DecoderLoss(nn.Module):
         self.semantic = semantic
         self.weighting = weighting
         self.recon = recon
-        self.head = ReconstructionHead(semantic.config.c_out, decoder.config.c_in) if semantic and recon > 0 else None
+        self.head = (
+            ReconstructionHead(semantic.config.c_out, decoder.config.c_in)
+            if semantic is not None and recon > 0
+            else None
+        )
 
     def forward(
         self,
