@@ -17,7 +17,7 @@ Steps, each skipped once done (a step that was cut off resumes from its newest c
              folder whose settings say how the stages of this model fit together
     b        OUT/b/: the decoder and, jointly, the semantic compressor (stride 16: 128 px → 8 × 8 × 16)
     c, b2    OUT/c/: the prior, on a cache of text states and semantic latents of the now frozen
-             compressor; beside it OUT/b2/: the decoder trained on against the frozen compressor
+             compressor; beside it OUT/b2/: the shipped decoder, trained from scratch against it
     final    OUT/final/: the prior's pipeline with the decoder of b2: the model
     ship     copies OUT/final/ to --ship (float16 weights where float32 would pass 25 MB)
 
@@ -104,8 +104,8 @@ def stage_configs(out: Path, steps: dict[str, int]) -> dict[str, dict[str, Any]]
             "semantic": str(out / "b" / "pipeline"), "model": STAGE_B2_MODEL, "output_dir": str(out / "b2"),
             "batch_size": 16, "lr": 1e-3, "warmup_steps": 100, "max_steps": steps["b2"], "ema_start": 0,
             "checkpoint_every": 250, "sample_every": 1000, "semantic_scale_min": 1.0, "caption_drop": 0.1,
-            # p2 gives low noise levels little weight: this small decoder then draws blobs where the
-            # shapes are; the plain ε loss teaches it the edges.
+            # p2 gives low noise levels, where the edges are decided, little weight; the plain ε
+            # loss does not (neither has taught this small decoder sharp shapes yet: issue #4).
             "loss_weighting": "uniform",
         },
         "c": COMMON | ema | {
@@ -204,7 +204,7 @@ def ship(out: Path, dest: Path, limit_mb: float, log: Callable[[str], None]) -> 
 
 
 def assemble_final(out: Path, log: Callable[[str], None]) -> None:
-    """OUT/final/: the prior's pipeline (OUT/c/pipeline) with the decoder trained on (OUT/b2)."""
+    """OUT/final/: the prior's pipeline (OUT/c/pipeline) with the decoder of OUT/b2."""
     from ..io.checkpoint import load_model
     from ..models.stage_b import StageB
     from ..pipeline import WuerstchenPipeline
