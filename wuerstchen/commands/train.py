@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 import typing
 from pathlib import Path
 
@@ -69,4 +70,13 @@ def run(args: argparse.Namespace) -> int:
     result = train(cfg, resume=args.resume)
     if rank == 0:
         print(f"trained Stage {args.stage.upper()} to step {result.step}; outputs in {result.output_dir}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # Under torchrun, leave without the interpreter's teardown: everything is written (atomic
+        # renames) and the process group destroyed, yet now and then a collective backend's thread
+        # is still joinable when its destructor runs, which aborts the process ("terminate called
+        # without an active exception", exit -6) and fails a finished run.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
