@@ -112,10 +112,10 @@ def test_recipe_runs_end_to_end(tmp_path):
     from wuerstchen.shapes import recipe
 
     out, dest = tmp_path / "run", tmp_path / "shipped"
-    steps = {"a": 2, "b": 2, "b2": 2, "c": 2}
+    steps = {"a": 2, "semantic": 2, "b": 2, "c": 2}
     recipe.run(out, n_images=64, steps=steps, clip_steps=2, ship_to=dest, log=lambda _: None)
     done = sorted(p.name for p in (out / "done").iterdir())
-    assert done == ["a", "b", "b2", "c", "clip", "data", "final", "parts"]
+    assert done == ["a", "b", "c", "clip", "data", "final", "parts", "semantic"]
     shipped = WuerstchenPipeline.from_pretrained(dest)
     assert shipped.settings.resolution_multiple == 16 and shipped.semantic is not None
     assert shipped("a red circle", **FAST, seed=0).images[0].size == (128, 128)

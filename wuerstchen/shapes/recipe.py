@@ -4,24 +4,26 @@
     python -m wuerstchen.shapes.recipe --out runs/shapes --ship wuerstchen/assets/small
 
 The training steps are the project's own `wuerstchen train`; the recipe writes each one's options to
-OUT/configs/{a,b,b2,c}.json first, so a step can also be run (or resumed) by hand:
+OUT/configs/{a,b,c}.json first, so a step can also be run (or resumed) by hand:
 
     wuerstchen train a --config runs/shapes/configs/a.json --resume
 
 Steps, each skipped once done (a step that was cut off resumes from its newest checkpoint):
-    data     OUT/data/: `--images` renders of the `train` split at 128 px, with captions (.txt);
-             OUT/eval/: renders of the `heldout` split, for samples
-    a, clip  OUT/a/: the VQGAN, f4: 128 px → 32 × 32 × 4; beside it OUT/clip/: the text encoder
-             (clip.py), contrastive on the same world
-    parts    OUT/parts/: VQGAN (latent scale measured on the data) + text encoder, as a pipeline
-             folder whose settings say how the stages of this model fit together
-    b        OUT/b/: the decoder and, jointly, the semantic compressor (stride 16: 128 px → 8 × 8 × 16)
-    c, b2    OUT/c/: the prior, on a cache of text states and semantic latents of the now frozen
-             compressor; beside it OUT/b2/: the shipped decoder, trained from scratch against it
-    final    OUT/final/: the prior's pipeline with the decoder of b2: the model
-    ship     copies OUT/final/ to --ship (float16 weights where float32 would pass 25 MB)
+    data      OUT/data/: `--images` renders of the `train` split at 128 px, with captions (.txt);
+              OUT/eval/: renders of the `heldout` split, for samples
+    a, clip   OUT/a/: the VQGAN, f4: 128 px → 32 × 32 × 4; beside it OUT/clip/: the text encoder
+              (clip.py), contrastive on the same world
+    parts     OUT/parts/: VQGAN (latent scale measured on the data) + text encoder, as a pipeline
+              folder whose settings say how the stages of this model fit together
+    semantic  OUT/semantic/: the semantic compressor (compressor.py; stride 16: 128 px → 8 × 8 × 16),
+              trained on the world's labels like Würstchen's ImageNet-trained EfficientNet, then
+              frozen; OUT/semantic/pipeline/ is parts + it
+    c, b      OUT/c/: the prior, on a cache of text states and semantic latents; beside it OUT/b/:
+              the decoder; both only need the frozen compressor, not each other
+    final     OUT/final/: the prior's pipeline with the decoder of b: the model
+    ship      copies OUT/final/ to --ship (float16 weights where float32 would pass 25 MB)
 
-On a CPU the two steps of a phase (a + clip, c + b2) run side by side, one thread each.
+On a CPU the two steps of a phase (a + clip, c + b) run side by side, one thread each.
 """
 
 from __future__ import annotations
@@ -52,6 +54,8 @@ SETTINGS = {
     "default_size": SIZE,
 }
 STAGE_A_MODEL = {"levels": 2, "embed_dim": 64, "bottleneck_blocks": 2, "num_vq_embeddings": 256, "scale_factor": 1.0}
+# The decoder: patch size 1, so each level-0 token is one VQGAN latent pixel (patch 2 decoders, trained
+# 8000 steps, drew blobs); the semantic latent is injected at the 16 × 16 and 8 × 8 levels.
 STAGE_B_MODEL = {
     "c_r": 32,
     "c_cond": 128,
@@ -62,15 +66,14 @@ STAGE_B_MODEL = {
     "inject_effnet": [False, True, True],
     "clip_embd": 128,
     "dropout": 0.0,
+    "patch_size": 1,
 }
-# The final decoder (step b2), trained from scratch against the frozen compressor: patch size 1, so
-# each level-0 token is one latent pixel (patch 2 decoders, trained 8000 steps, still drew blobs).
-STAGE_B2_MODEL = STAGE_B_MODEL | {"patch_size": 1}
 STAGE_C_MODEL = {"c_in": 16, "c": 192, "c_cond": 128, "c_r": 32, "depth": 6, "nhead": 4, "dropout": 0.0}
 
-# Optimizer steps of each training step (`--{step}-steps`), and the `wuerstchen train` stage each runs.
-DEFAULT_STEPS = {"a": 1200, "b": 2500, "b2": 2250, "c": 4000}
-TRAINS = {"a": "a", "b": "b", "b2": "b", "c": "c"}
+# Optimizer steps of each training step (`--{step}-steps`), and the `wuerstchen train` stage each runs
+# (semantic is compressor.py's own loop). b and c run side by side and take about as long.
+DEFAULT_STEPS = {"a": 1200, "semantic": 1500, "b": 4500, "c": 6000}
+TRAINS = {"a": "a", "b": "b", "c": "c"}
 
 # bf16 autocast: 1.4-1.6× faster steps on this project's CPUs (AMX), and the GPU default anyway.
 COMMON = {
@@ -89,29 +92,19 @@ def stage_configs(out: Path, steps: dict[str, int]) -> dict[str, dict[str, Any]]
             "checkpoint_every": 250, "sample_every": 250, "settings": SETTINGS,
         },
         "b": COMMON | ema | {
-            "data": data, "eval_data": ev, "pipeline": str(out / "parts"), "semantic": "small",
-            "train_semantic": True, "model": STAGE_B_MODEL, "output_dir": str(out / "b"), "batch_size": 16,
-            "lr": 5e-4, "warmup_steps": 100, "max_steps": steps["b"], "ema_start": steps["b"] // 2,
-            "checkpoint_every": 250, "sample_every": 500, "semantic_scale_min": 1.0, "caption_drop": 0.1,
+            "data": data, "eval_data": ev, "pipeline": str(out / "semantic" / "pipeline"), "model": STAGE_B_MODEL,
+            "output_dir": str(out / "b"), "batch_size": 16, "lr": 1e-3, "warmup_steps": 100, "max_steps": steps["b"],
+            "ema_start": 0, "checkpoint_every": 250, "sample_every": 1000, "semantic_scale_min": 1.0,
+            "caption_drop": 0.1,
             # Scale 1: the compressor sees the image at the 8 × 8 side Stage C makes (with U(0.75, 1)
-            # and the side floored to the stride, it saw 6 × 6 and 7 × 7 only, never 8 × 8).
-            # The ε loss alone lets the compressor keep colour and place but drop shape (a linear
-            # probe read shape 39% from it); a reconstruction head makes it keep the whole object.
-            "semantic_recon": 1.0,
-        },
-        "b2": COMMON | ema | {
-            "data": data, "eval_data": ev, "pipeline": str(out / "b" / "pipeline"),
-            "semantic": str(out / "b" / "pipeline"), "model": STAGE_B2_MODEL, "output_dir": str(out / "b2"),
-            "batch_size": 16, "lr": 1e-3, "warmup_steps": 100, "max_steps": steps["b2"], "ema_start": 0,
-            "checkpoint_every": 250, "sample_every": 1000, "semantic_scale_min": 1.0, "caption_drop": 0.1,
-            # p2 gives low noise levels, where the edges are decided, little weight; the plain ε
-            # loss does not (neither has taught this small decoder sharp shapes yet: issue #4).
+            # and the side floored to the stride, it would see 6 × 6 and 7 × 7 only, never 8 × 8).
+            # p2 gives low noise levels, where the edges are decided, little weight; the plain ε loss does not.
             "loss_weighting": "uniform",
         },
         "c": COMMON | ema | {
-            "data": data, "eval_data": ev, "pipeline": str(out / "b" / "pipeline"), "model": STAGE_C_MODEL,
+            "data": data, "eval_data": ev, "pipeline": str(out / "semantic" / "pipeline"), "model": STAGE_C_MODEL,
             "output_dir": str(out / "c"), "cache": str(out / "c-cache.safetensors"), "batch_size": 48,
-            "lr": 5e-4, "warmup_steps": 100, "max_steps": steps["c"], "ema_start": steps["c"] // 2,
+            "lr": 5e-4, "warmup_steps": 100, "max_steps": steps["c"], "ema_start": min(2000, steps["c"] // 2),
             "checkpoint_every": 250, "sample_every": 1000, "caption_drop": 0.1, "sample_steps": 20,
         },
     }  # fmt: skip
@@ -204,13 +197,15 @@ def ship(out: Path, dest: Path, limit_mb: float, log: Callable[[str], None]) -> 
 
 
 def assemble_final(out: Path, log: Callable[[str], None]) -> None:
-    """OUT/final/: the prior's pipeline (OUT/c/pipeline) with the decoder of OUT/b2."""
+    """OUT/final/: the frozen parts (OUT/semantic/pipeline) with the prior of OUT/c and the decoder of OUT/b."""
     from ..io.checkpoint import load_model
     from ..models.stage_b import StageB
+    from ..models.stage_c import StageC
     from ..pipeline import WuerstchenPipeline
 
-    pipe = WuerstchenPipeline.from_pretrained(out / "c" / "pipeline")
-    pipe.decoder = load_model(StageB, out / "b2" / "decoder")
+    pipe = WuerstchenPipeline.from_pretrained(out / "semantic" / "pipeline")
+    pipe.prior = load_model(StageC, out / "c" / "prior")
+    pipe.decoder = load_model(StageB, out / "b" / "decoder")
     pipe.save_pretrained(out / "final")
     log(f"final: {out / 'final'}")
 
@@ -254,6 +249,12 @@ def run(
             info = {"images": n_images}
         elif step == "parts":
             make_parts(out, log)
+        elif step == "semantic":
+            from .compressor import train_compressor
+
+            where = "cpu" if on_cpu else (device or "cuda")
+            info = train_compressor(out / "parts", out / "semantic", steps["semantic"], seed=seed, device=where)
+            log(f"semantic: held-out accuracies {info}")
         elif step == "final":
             assemble_final(out, log)
         else:
@@ -265,7 +266,7 @@ def run(
     # Each phase is one step, or a step here and one beside it that needs nothing of the other. On a
     # CPU the two run side by side with one thread each: two small models at a time get more out of
     # 2 cores than two threads for one (about 1.3× here). On a GPU they run one after the other.
-    phases = [("data", None), ("a", "clip"), ("parts", None), ("b", None), ("c", "b2"), ("final", None)]
+    phases = [("data", None), ("a", "clip"), ("parts", None), ("semantic", None), ("c", "b"), ("final", None)]
     for here, beside in phases:
         job = None
         if beside is not None and not _done(out, beside):
