@@ -155,6 +155,7 @@ def train_compressor(
     head = LabelHead(semantic.config.c_out).to(device)
     params = [*semantic.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    generator = torch.Generator(device).manual_seed(seed)  # the latent noise
     step = 0
     state_path = out / "state.pt"
     if state_path.exists():
@@ -162,6 +163,7 @@ def train_compressor(
         semantic.load_state_dict(state["semantic"])
         head.load_state_dict(state["head"])
         opt.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"].cpu())
         step = int(state["step"])
     warmup = min(100, steps // 10)
 
@@ -171,7 +173,6 @@ def train_compressor(
         return 0.1 + 0.45 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
 
     data = ShapesDataset(10**9, seed=seed + 7, size=128, split="train")
-    generator = torch.Generator(device).manual_seed(seed)
     t0 = time.perf_counter()
     semantic.train()
     head.train()
@@ -197,7 +198,7 @@ def train_compressor(
             out.mkdir(parents=True, exist_ok=True)
             state = {"semantic": semantic.state_dict(), "head": head.state_dict(), "optimizer": opt.state_dict()}
             with atomic_path(state_path) as tmp:
-                torch.save(state | {"step": step}, tmp)
+                torch.save(state | {"step": step, "generator": generator.get_state()}, tmp)
     semantic, head = semantic.cpu(), head.cpu()
     metrics = evaluate(semantic, head)
     save_model(semantic, out / "semantic")
