@@ -15,7 +15,7 @@ from wuerstchen.io.checkpoint import load_model
 from wuerstchen.models.semantic import SemanticCompressor
 from wuerstchen.pipeline import WuerstchenPipeline
 from wuerstchen.shapes import compressor
-from wuerstchen.shapes.compressor import HEAD_PARTS, LabelHead, label_loss, labels, train_compressor
+from wuerstchen.shapes.compressor import HEAD_PARTS, LabelHead, accuracies, label_loss, labels, train_compressor
 from wuerstchen.shapes.world import BACKGROUNDS, COLOURS, SHAPES, Obj, Scene
 
 SHIPPED = Path(compressor.__file__).parent.parent / "assets" / "small"
@@ -52,7 +52,7 @@ def test_head_and_loss():
     assert set(out) == set(HEAD_PARTS)
     scene = Scene((Obj("square", "red", "large", cx=0.5, cy=0.5),), "beige")
     target = {k: v.unsqueeze(0).expand(2, *v.shape) for k, v in labels(scene, 8).items()}
-    loss, metrics = label_loss(out, target)
+    loss, metrics = label_loss(out, target), accuracies(out, target)
     assert loss.item() > 1 and metrics["shape_acc"] <= 1
     # Logits that put every mass on the targets: loss near 0 and every accuracy 1.
     perfect = {k: torch.zeros_like(v) for k, v in out.items()}
@@ -65,7 +65,7 @@ def test_head_and_loss():
     perfect["background"] = 50.0 * torch.nn.functional.one_hot(target["background"], len(BACKGROUNDS)).float()[
         :, :, None, None
     ].expand(-1, -1, 8, 8)
-    loss, metrics = label_loss(perfect, target)
+    loss, metrics = label_loss(perfect, target), accuracies(perfect, target)
     assert loss.item() < 1e-3
     assert all(v == 1.0 for v in metrics.values()), metrics
 

@@ -96,25 +96,30 @@ class LabelHead(nn.Module):
         return out
 
 
-def label_loss(out: dict[str, Tensor], target: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-    """Sum of the parts' losses; the metrics are per-part accuracies on this batch."""
+def label_loss(out: dict[str, Tensor], target: dict[str, Tensor]) -> Tensor:
+    """Sum of the parts' losses."""
     out = {k: v.float() for k, v in out.items()}
-    losses = {
-        "fine": F.cross_entropy(out["fine"], target["fine"]),
-        "centre": F.binary_cross_entropy_with_logits(out["centre"][:, 0], target["centre"]),
-        "background": F.cross_entropy(out["background"].mean((2, 3)), target["background"]),
-    }
+    losses = [
+        F.cross_entropy(out["fine"], target["fine"]),
+        F.binary_cross_entropy_with_logits(out["centre"][:, 0], target["centre"]),
+        F.cross_entropy(out["background"].mean((2, 3)), target["background"]),
+        *(F.cross_entropy(out[k], target[k], ignore_index=-100) for k in ("colour", "shape", "size")),
+    ]
     has = target["colour"] >= 0
-    for k in ("colour", "shape", "size"):
-        losses[k] = F.cross_entropy(out[k], target[k], ignore_index=-100)
-    losses["offset"] = (out["offset"].sigmoid() - target["offset"]).abs().sum(1)[has].mean()
+    losses.append((out["offset"].sigmoid() - target["offset"]).abs().sum(1)[has].mean())
+    return sum(losses)
+
+
+def accuracies(out: dict[str, Tensor], target: dict[str, Tensor]) -> dict[str, float]:
+    """Per-part accuracies (colour, shape and size over the cells that hold an object's centre)."""
+    has = target["colour"] >= 0
     metrics = {
         "fine_acc": float((out["fine"].argmax(1) == target["fine"]).float().mean()),
         "centre_acc": float(((out["centre"][:, 0] > 0) == (target["centre"] > 0)).float().mean()),
     }
     for k in ("colour", "shape", "size"):
         metrics[f"{k}_acc"] = float((out[k].argmax(1) == target[k])[has].float().mean())
-    return sum(losses.values()), metrics
+    return metrics
 
 
 def _batch(data: ShapesDataset, indices: range, grid: int) -> tuple[Tensor, dict[str, Tensor]]:
@@ -133,7 +138,7 @@ def evaluate(semantic: SemanticCompressor, head: LabelHead, n: int = 256, seed: 
     semantic.eval()
     head.eval()
     x, target = _batch(ShapesDataset(n, seed=seed, size=128, split="heldout"), range(n), 8)
-    _, metrics = label_loss(head(semantic.encode(x, size=(8, 8))), target)
+    metrics = accuracies(head(semantic.encode(x, size=(8, 8))), target)
     return {k: round(v, 4) for k, v in metrics.items()}
 
 
@@ -185,13 +190,14 @@ def train_compressor(
             latent = semantic.encode(x, size=(8, 8))
             noise = torch.randn(latent.shape, generator=generator, device=device)
             noisy = latent + NOISE * noise.to(latent.dtype)
-            loss, metrics = label_loss(head(noisy), target)
+            logits = head(noisy)
+            loss = label_loss(logits, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         step += 1
         if step % 100 == 0 or step == steps:
-            shown = " ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+            shown = " ".join(f"{k} {v:.3f}" for k, v in accuracies(logits, target).items())
             seconds = time.perf_counter() - t0
             print(f"compressor step {step}/{steps} loss {loss.item():.4f} {shown} ({seconds:.0f} s)", flush=True)
         if step % 500 == 0 or step == steps:
