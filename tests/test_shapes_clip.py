@@ -96,25 +96,33 @@ def test_unknown_words(tokenizer):
 def test_twins_differ_in_one_stated_fact_and_keep_the_split():
     rng = np.random.default_rng(0)
     kinds = set()
-    for _ in range(300):
+    for _ in range(400):
         scene = sample_scene(rng, "train")
         other = twin(scene, rng)
-        if other is None:
-            assert scene.kind == "single" or len(scene.objects) == 2
-            continue
+        assert other is not None and other != scene
         assert not any(o.pair in HELDOUT_PAIRS for o in other.objects)
-        if scene.kind == "count":
-            assert len(other.objects) == 2 and other.kind == "count"
+        assert other.kind == scene.kind
+        if len(other.objects) < len(scene.objects):
+            assert scene.kind == "count" and len(scene.objects) == 3
+            assert set(other.objects) < set(scene.objects)
+            kinds.add("count")
         elif other.relation != scene.relation:
             a, b = other.objects
             assert other.relation == relation_of(a.cx, a.cy, b.cx, b.cy)
             assert [o.pair for o in other.objects] == [o.pair for o in scene.objects]
             kinds.add("relation")
         else:
-            assert [o.pair for o in other.objects] != [o.pair for o in scene.objects]
-            assert [(o.cx, o.cy) for o in other.objects] == [(o.cx, o.cy) for o in scene.objects]
-            kinds.add("binding")
-    assert kinds == {"relation", "binding"}
+            assert [(o.cx, o.cy, o.size) for o in other.objects] == [(o.cx, o.cy, o.size) for o in scene.objects]
+            changed = [(o, p) for o, p in zip(scene.objects, other.objects, strict=True) if o != p]
+            if scene.kind == "pair" and len(changed) == 2:  # binding: the colours (or shapes) swapped
+                assert sorted(o.colour for o in other.objects) == sorted(o.colour for o in scene.objects)
+                assert sorted(o.shape for o in other.objects) == sorted(o.shape for o in scene.objects)
+                kinds.add("binding")
+            else:  # one object's shape (single, pair) or every one's (count)
+                assert all(o.colour == p.colour and o.shape != p.shape for o, p in changed)
+                assert len(changed) == (1 if scene.kind == "pair" else len(scene.objects))
+                kinds.add(f"{scene.kind} shape")
+    assert kinds == {"relation", "binding", "count", "single shape", "pair shape", "count shape"}
 
 
 def test_training_batch_is_a_function_of_seed_and_step():
@@ -158,3 +166,31 @@ def test_short_training_lowers_loss_and_writes_a_text_encoder(tokenizer, tmp_pat
     n = short["input_ids"].shape[1]
     mask = short["attention_mask"].bool()
     torch.testing.assert_close(out_short.last_hidden_state[mask], out.last_hidden_state[:, :n][mask])
+
+
+def test_semantic_clip_sees_images_through_the_compressor(tokenizer, tmp_path):
+    from wuerstchen.io.checkpoint import load_model, save_model
+    from wuerstchen.models.semantic import SEMANTIC_PRESETS, SemanticCompressor
+    from wuerstchen.shapes.clip import render_size, vision_input
+
+    torch.manual_seed(0)
+    save_model(SemanticCompressor(SEMANTIC_PRESETS["small"]).eval(), tmp_path / "semantic")
+    with pytest.raises(ValueError, match="semantic"):
+        train_clip(tmp_path / "x", steps=1, batch_size=4, config="test-semantic", log=lambda s: None)
+    with pytest.raises(ValueError, match="channels"):
+        train_clip(tmp_path / "x", steps=1, batch_size=4, config="test", semantic=tmp_path / "semantic")
+    metrics = train_clip(
+        tmp_path / "clip", steps=3, batch_size=8, config="test-semantic", semantic=tmp_path / "semantic",
+        eval_scenes=16, log=lambda s: None,
+    )  # fmt: skip
+    assert 0 <= metrics["heldout_twins_text_to_image"] <= 1
+
+    model = CLIPModel.from_pretrained(tmp_path / "clip" / "clip").eval()
+    compressor = load_model(SemanticCompressor, tmp_path / "semantic").eval()
+    assert render_size(model, compressor) == 128 and render_size(model) == 8
+    images = training_batch(0, 2, size=128)[0]
+    x = vision_input(model, images, compressor)
+    pixels = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images]).float() / 255
+    torch.testing.assert_close(x, compressor.encode(pixels, size=(8, 8)))
+    assert model.get_image_features(pixel_values=x).pooler_output.shape == (2, CONFIGS["test-semantic"].projection_dim)
+    assert CLIPTextModel.from_pretrained(tmp_path / "clip" / "text_encoder").config.hidden_size == 32

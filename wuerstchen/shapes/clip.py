@@ -39,11 +39,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel
 
 from .tokenizer import build_tokenizer
-from .world import HELDOUT_PAIRS, Scene, ShapesDataset, caption, render, sample_scene
+from .world import HELDOUT_PAIRS, SHAPES, Scene, ShapesDataset, caption, render, sample_scene
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +55,9 @@ class ClipConfig:
     vision_layers: int
     vision_heads: int
     projection_dim: int
-    image_size: int = 64
+    image_size: int = 64  # the vision tower's input side: pixels, or semantic latent cells
     patch_size: int = 8
-    channels: int = 3
+    channels: int = 3  # 3: RGB; 16: the frozen semantic compressor's latent (see `vision_input`)
 
 
 CONFIGS: dict[str, ClipConfig] = {
@@ -65,10 +65,38 @@ CONFIGS: dict[str, ClipConfig] = {
     "small": ClipConfig(
         width=128, layers=4, heads=4, vision_width=128, vision_layers=4, vision_heads=4, projection_dim=128
     ),
+    # The vision tower reads the frozen semantic compressor's 8 × 8 × 16 latent of a 128 px render, one
+    # token per cell: that latent already tells shapes apart, so the contrastive loss teaches the text
+    # tower shape words too (from pixels, 600 steps taught it colour only).
+    "semantic": ClipConfig(
+        width=128,
+        layers=4,
+        heads=4,
+        vision_width=128,
+        vision_layers=4,
+        vision_heads=4,
+        projection_dim=128,
+        image_size=8,
+        patch_size=1,
+        channels=16,
+    ),  # fmt: skip
     "test": ClipConfig(
         width=32, layers=1, heads=2, vision_width=32, vision_layers=1, vision_heads=2, projection_dim=32
     ),
+    "test-semantic": ClipConfig(
+        width=32,
+        layers=1,
+        heads=2,
+        vision_width=32,
+        vision_layers=1,
+        vision_heads=2,
+        projection_dim=32,
+        image_size=8,
+        patch_size=1,
+        channels=16,
+    ),  # fmt: skip
 }
+SEMANTIC_RENDER_SIZE = 128  # the side the semantic compressor is trained on (compressor.py)
 
 
 def build_clip(config: ClipConfig, tokenizer, seed: int = 0) -> CLIPModel:
@@ -112,31 +140,64 @@ def image_tensor(images: list[Image.Image], channels: int = 3) -> Tensor:
     return torch.cat([rgb, rgb * x, rgb * y], dim=1)
 
 
+def vision_input(model: CLIPModel, images: list[Image.Image], semantic: nn.Module | None = None) -> Tensor:
+    """What the vision tower reads: `image_tensor` of the images, or, with a frozen `semantic`
+    compressor, its latent of them (B, 16, side, side), side = the tower's image_size."""
+    if semantic is None:
+        return image_tensor(images, model.config.vision_config.num_channels)
+    side = model.config.vision_config.image_size
+    pixels = (image_tensor(images) + 1) / 2  # the compressor takes [0, 1]
+    with torch.no_grad():
+        return semantic.encode(pixels, size=(side, side)).float()
+
+
+def render_size(model: CLIPModel, semantic: nn.Module | None = None) -> int:
+    """The side scenes are rendered at for `vision_input`."""
+    return SEMANTIC_RENDER_SIZE if semantic is not None else model.config.vision_config.image_size
+
+
 # ---------------------------------------------------------------------------------------------
 # Data
 
 
 def twin(scene: Scene, rng: np.random.Generator) -> Scene | None:
-    """A scene that differs from `scene` in exactly one stated fact, or None.
+    """A scene that differs from `scene` in exactly one stated fact (None where none can be made).
 
-    pair: the relation flipped (positions mirrored along the relation's axis), or the two objects'
-    colours swapped (their shapes, if the colours are equal); count of three: one object removed.
-    Never creates a HELDOUT_PAIRS pair, so twins of `train` scenes stay in the `train` split.
+    single: the object's shape changed; pair: the relation flipped (positions mirrored along the
+    relation's axis), the two objects' colours swapped (their shapes, if the colours are equal), or one
+    object's shape changed; count: one object removed (of three) or every object's shape changed.
+    Never creates a HELDOUT_PAIRS pair the scene lacks, so twins of `train` scenes stay in `train`.
     """
     objs = scene.objects
-    if scene.kind == "count" and len(objs) == 3:
-        drop = int(rng.integers(3))
-        return dataclasses.replace(scene, objects=tuple(o for i, o in enumerate(objs) if i != drop))
-    if scene.kind != "pair":
-        return None
+    held = any(o.pair in HELDOUT_PAIRS for o in objs)
+
+    def reshaped(which: tuple[int, ...]) -> Scene | None:
+        shapes = [s for s in SHAPES if s != objs[which[0]].shape]
+        shapes = [s for s in shapes if held or (objs[which[0]].colour, s) not in HELDOUT_PAIRS]
+        if not shapes:
+            return None
+        shape = shapes[int(rng.integers(len(shapes)))]
+        new = tuple(dataclasses.replace(o, shape=shape) if i in which else o for i, o in enumerate(objs))
+        return dataclasses.replace(scene, objects=new)
+
+    if scene.kind == "single":
+        return reshaped((0,))
+    if scene.kind == "count":
+        if len(objs) == 3 and rng.random() < 0.5:
+            drop = int(rng.integers(3))
+            return dataclasses.replace(scene, objects=tuple(o for i, o in enumerate(objs) if i != drop))
+        return reshaped(tuple(range(len(objs))))
     a, b = objs
-    if rng.random() < 0.5:
+    choice = rng.random()
+    if choice < 1 / 3:
+        if (other := reshaped((int(rng.integers(2)),))) is not None and other.kind == "pair":
+            return other
+    elif choice < 2 / 3:
         if a.colour != b.colour:
             a2, b2 = dataclasses.replace(a, colour=b.colour), dataclasses.replace(b, colour=a.colour)
         else:
             a2, b2 = dataclasses.replace(a, shape=b.shape), dataclasses.replace(b, shape=a.shape)
-        held = {p in HELDOUT_PAIRS for p in (a.pair, b.pair)}, {p in HELDOUT_PAIRS for p in (a2.pair, b2.pair)}
-        if held[1] <= held[0]:  # no held-out pair appears that the original lacked
+        if held or not any(o.pair in HELDOUT_PAIRS for o in (a2, b2)):
             return dataclasses.replace(scene, objects=(a2, b2))
     # Mirroring keeps every box on the canvas and apart, and the relation unambiguous.
     if scene.relation in ("left of", "right of"):
@@ -182,14 +243,15 @@ def training_batch(
 # Training and evaluation
 
 
-def _embed(model: CLIPModel, tokenizer, images: list[Image.Image], captions: list[str]) -> tuple[Tensor, Tensor]:
+def _embed(
+    model: CLIPModel, tokenizer, images: list[Image.Image], captions: list[str], semantic: nn.Module | None = None
+) -> tuple[Tensor, Tensor]:
     """Unit-norm (image, text) embeddings, each (B, projection_dim). Captions are padded to the
     longest in the batch: the text tower is causal, so real tokens (and the EOS that is pooled)
     come out exactly as with padding to 77, at a quarter of the cost."""
     tok = tokenizer(captions, padding="longest", truncation=True, return_tensors="pt")
     text = model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).pooler_output
-    pixels = image_tensor(images, model.config.vision_config.num_channels)
-    image = model.get_image_features(pixel_values=pixels).pooler_output
+    image = model.get_image_features(pixel_values=vision_input(model, images, semantic)).pooler_output
     return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
 
 
@@ -203,19 +265,24 @@ def _contrastive(model: CLIPModel, image: Tensor, text: Tensor) -> tuple[Tensor,
 
 @torch.no_grad()
 def retrieval_accuracy(
-    model: CLIPModel, tokenizer, split: str = "heldout", batches: int = 8, batch_size: int = 64, seed: int = 1
+    model: CLIPModel,
+    tokenizer,
+    split: str = "heldout",
+    batches: int = 8,
+    batch_size: int = 64,
+    seed: int = 1,
+    semantic: nn.Module | None = None,
 ) -> dict[str, float]:
     """Top-1 text→image and image→text accuracy within batches of ShapesDataset(`split`) (chance 1/B).
 
     Captions that are true for more than one image of a batch ("a red circle") count as misses,
     so 100 % is not always reachable."""
     model.eval()
-    size = model.config.vision_config.image_size
-    data = ShapesDataset(batches * batch_size, seed=seed, size=size, split=split)
+    data = ShapesDataset(batches * batch_size, seed=seed, size=render_size(model, semantic), split=split)
     t2i = i2t = 0.0
     for b in range(batches):
         items = [data[b * batch_size + k] for k in range(batch_size)]
-        image, text = _embed(model, tokenizer, [it[0] for it in items], [it[1] for it in items])
+        image, text = _embed(model, tokenizer, [it[0] for it in items], [it[1] for it in items], semantic)
         sim = text @ image.T
         target = torch.arange(batch_size)
         t2i += (sim.argmax(1) == target).float().mean().item() / batches
@@ -224,20 +291,22 @@ def retrieval_accuracy(
 
 
 @torch.no_grad()
-def twin_accuracy(model: CLIPModel, tokenizer, split: str = "heldout", n: int = 256, seed: int = 1) -> dict[str, float]:
+def twin_accuracy(
+    model: CLIPModel, tokenizer, split: str = "heldout", n: int = 256, seed: int = 1, semantic: nn.Module | None = None
+) -> dict[str, float]:
     """2-way accuracy (chance 0.5) on `n` scenes and their twins (relation flipped, colours swapped,
     one object fewer): text_to_image, a caption scores its image above the twin's; image_to_text,
     an image scores its caption above the twin's caption (which differs only in those words)."""
     model.eval()
-    size = model.config.vision_config.image_size
+    size = render_size(model, semantic)
     pairs = []
     for i in range(20 * n):
         if len(pairs) == n:
             break
         if len(items := _scene_and_twin(np.random.default_rng([seed, 10**6 + i]), split, size, 1.0)) == 2:
             pairs.append(items)
-    image, text = _embed(model, tokenizer, [p[0][0] for p in pairs], [p[0][1] for p in pairs])
-    other_image, other_text = _embed(model, tokenizer, [p[1][0] for p in pairs], [p[1][1] for p in pairs])
+    image, text = _embed(model, tokenizer, [p[0][0] for p in pairs], [p[0][1] for p in pairs], semantic)
+    other_image, other_text = _embed(model, tokenizer, [p[1][0] for p in pairs], [p[1][1] for p in pairs], semantic)
     own = (text * image).sum(-1)
     t2i = (own > (text * other_image).sum(-1)).float().mean().item()
     i2t = (own > (other_text * image).sum(-1)).float().mean().item()
@@ -277,18 +346,34 @@ def train_clip(
     twins: float = 0.5,
     bf16: bool = False,
     resume: bool = False,
+    semantic: str | Path | None = None,
     log_every: int = 25,
     eval_every: int = 200,
+    eval_scenes: int = 256,
     log: Callable[[str], None] = print,
 ) -> dict[str, float]:
     """Train the shapes CLIP and write out_dir/{text_encoder,tokenizer,clip}; returns the final metrics.
 
     Deterministic from `seed` (model init and every batch). AdamW with linear warm-up then cosine
     decay to 0. `bf16` runs the forward passes under CPU bf16 autocast (faster where the CPU has
-    AVX512-BF16 or AMX). `resume` continues from out_dir/clip/ if a run stopped early.
+    AVX512-BF16 or AMX). `resume` continues from out_dir/clip/ if a run stopped early. `semantic`, a
+    saved SemanticCompressor folder, is what a config with 16 channels sees images through (frozen).
     """
     out_dir = Path(out_dir)
     cfg = CONFIGS[config] if isinstance(config, str) else config
+    compressor = None
+    if semantic is not None:
+        from ..io.checkpoint import load_model
+        from ..models.semantic import SemanticCompressor
+
+        compressor = load_model(SemanticCompressor, semantic).eval().requires_grad_(False)
+        if compressor.config.c_out != cfg.channels:
+            raise ValueError(
+                f"{semantic}: its latent has {compressor.config.c_out} channels, the CLIP config's vision tower"
+                f" reads {cfg.channels}: use a config made for the compressor (e.g. 'semantic')"
+            )
+    elif cfg.channels not in (3, 9):
+        raise ValueError(f"a CLIP config with {cfg.channels} input channels reads a semantic latent: pass `semantic`")
     tokenizer = build_tokenizer()
     state_file = out_dir / "clip" / "train_state.pt"
     resuming = resume and state_file.exists()
@@ -314,14 +399,14 @@ def train_clip(
     # The schedule is a function of the step alone, so a resumed run continues it where it stopped.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: schedule(start + i))
 
-    size = cfg.image_size
+    size = SEMANTIC_RENDER_SIZE if compressor is not None else cfg.image_size
     metrics: dict[str, float] = {}
     train_seconds, since_log, clock = 0.0, 0, time.perf_counter()
     for step in range(start, steps):
         model.train()
         images, captions = training_batch(step, batch_size, seed, size, twins)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            image, text = _embed(model, tokenizer, images, captions)
+            image, text = _embed(model, tokenizer, images, captions, compressor)
         loss, acc = _contrastive(model, image, text)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -337,7 +422,7 @@ def train_clip(
             since_log, clock = 0, time.perf_counter()
         if (step + 1) % eval_every == 0 or step + 1 == steps:
             train_seconds += time.perf_counter() - clock
-            metrics = _evaluate(model, tokenizer)
+            metrics = _evaluate(model, tokenizer, compressor, eval_scenes)
             metrics.update(loss=loss.item(), steps=step + 1, train_seconds=round(train_seconds, 1))
             log("  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith(("heldout", "train_"))))
             _save(model, tokenizer, opt, step + 1, metrics, out_dir)
@@ -345,13 +430,15 @@ def train_clip(
     return metrics
 
 
-def _evaluate(model: CLIPModel, tokenizer) -> dict[str, float]:
+def _evaluate(model: CLIPModel, tokenizer, semantic: nn.Module | None = None, n: int = 256) -> dict[str, float]:
+    """Retrieval in batches of 64 (or `n`) and twin accuracy, on `n` scenes of each split."""
     out = {}
     for split in ("heldout", "train"):  # the train split with another seed: unseen items
-        acc = retrieval_accuracy(model, tokenizer, split, batches=4, batch_size=64, seed=1)
+        batch = min(64, n)
+        acc = retrieval_accuracy(model, tokenizer, split, n // batch, batch, seed=1, semantic=semantic)
         out[f"{split}_text_to_image"] = acc["text_to_image"]
         out[f"{split}_image_to_text"] = acc["image_to_text"]
-        twins = twin_accuracy(model, tokenizer, split, n=256, seed=1)
+        twins = twin_accuracy(model, tokenizer, split, n=n, seed=1, semantic=semantic)
         out[f"{split}_twins_text_to_image"] = twins["text_to_image"]
         out[f"{split}_twins_image_to_text"] = twins["image_to_text"]
     return out
@@ -392,13 +479,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--twins", type=float, default=0.5, help="probability of adding a hard-negative twin")
     p.add_argument("--bf16", action="store_true", help="CPU bf16 autocast")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--semantic", type=Path, help="SemanticCompressor folder the vision tower sees images through")
     p.add_argument("--threads", type=int, help="torch CPU threads (1 is fastest on a busy shared machine)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     train_clip(
         args.out, args.steps, args.batch_size, args.seed, args.lr, args.warmup,
-        config=args.config, twins=args.twins, bf16=args.bf16, resume=args.resume,
+        config=args.config, twins=args.twins, bf16=args.bf16, resume=args.resume, semantic=args.semantic,
     )  # fmt: skip
     encoder = CLIPTextModel.from_pretrained(Path(args.out) / "text_encoder").eval()
     tokenizer = build_tokenizer()
@@ -406,6 +494,8 @@ def main(argv: list[str] | None = None) -> None:
         ("a red circle to the left of a blue square", "a red circle to the right of a blue square"),
         ("a red circle to the left of a blue square", "a blue circle to the left of a red square"),
         ("a small red circle", "a large red circle"),
+        ("a green triangle", "a green cross"),
+        ("a red circle", "a red star"),
         ("two green stars", "three green stars"),
     ):
         sims = compare_prompts(encoder, tokenizer, a, b)

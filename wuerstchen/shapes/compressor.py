@@ -1,10 +1,10 @@
 """The shipped model's semantic compressor, trained on the shapes world's labels and then frozen.
 
-    python -m wuerstchen.shapes.compressor --parts runs/shapes/parts --out runs/shapes/semantic --steps 1500
+    python -m wuerstchen.shapes.compressor --out runs/shapes/semantic --steps 1500
 
 writes
-    OUT/semantic/   the compressor (SemanticCompressor, "small" preset: 128 px → 8 × 8 × 16)
-    OUT/pipeline/   the --parts pipeline folder with that compressor: what Stage B and Stage C train on
+    OUT/semantic/   the compressor (SemanticCompressor, "small" preset: 128 px → 8 × 8 × 16): what the
+                    shapes CLIP sees images through, and the semantic latent Stage B and Stage C train on
     OUT/state.pt    the compressor, its label head and the optimizer (to resume); OUT/metrics.json
 
 Würstchen's Stage C latent is the feature map of a frozen EfficientNetV2-S trained on ImageNet's labels:
@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -143,7 +142,6 @@ def evaluate(semantic: SemanticCompressor, head: LabelHead, n: int = 256, seed: 
 
 
 def train_compressor(
-    parts: Path,
     out: Path,
     steps: int = 1500,
     batch_size: int = 32,
@@ -152,9 +150,8 @@ def train_compressor(
     bf16: bool = True,
     device: str = "cpu",
 ) -> dict[str, float]:
-    """Train (or resume) the compressor; write OUT/semantic and OUT/pipeline; return held-out metrics."""
-    from ..pipeline import WuerstchenPipeline
-
+    """Train (or resume) the compressor; write OUT/semantic; return held-out metrics."""
+    out = Path(out)
     torch.manual_seed(seed)
     semantic = SemanticCompressor(SEMANTIC_PRESETS["small"]).to(device)
     head = LabelHead(semantic.config.c_out).to(device)
@@ -208,20 +205,12 @@ def train_compressor(
     semantic, head = semantic.cpu(), head.cpu()
     metrics = evaluate(semantic, head)
     save_model(semantic, out / "semantic")
-    pipe = WuerstchenPipeline.from_pretrained(parts)
-    pipe.semantic = semantic
-    tmp = out / ".pipeline.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.save_pretrained(tmp)
-    shutil.rmtree(out / "pipeline", ignore_errors=True)
-    tmp.rename(out / "pipeline")
     write_json(metrics | {"step": step}, out / "metrics.json")
     return metrics
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m wuerstchen.shapes.compressor", description=__doc__.split("\n")[0])
-    p.add_argument("--parts", required=True, type=Path, help="pipeline folder with the VQGAN and text encoders")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=32)
@@ -230,9 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-bf16", dest="bf16", action="store_false")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    metrics = train_compressor(
-        args.parts, args.out, args.steps, args.batch_size, args.lr, args.seed, args.bf16, args.device
-    )
+    metrics = train_compressor(args.out, args.steps, args.batch_size, args.lr, args.seed, args.bf16, args.device)
     print(json.dumps(metrics))
 
 

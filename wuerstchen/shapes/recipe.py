@@ -1,4 +1,4 @@
-"""The recipe of the shipped small model: the shapes world → CLIP → Stage A → Stage B → Stage C.
+"""The recipe of the shipped small model: the shapes world → Stage A, compressor → CLIP → Stage B, C.
 
     python -m wuerstchen.shapes.recipe --out runs/shapes                 # all steps; rerun to resume
     python -m wuerstchen.shapes.recipe --out runs/shapes --ship wuerstchen/assets/small
@@ -11,19 +11,20 @@ OUT/configs/{a,b,c}.json first, so a step can also be run (or resumed) by hand:
 Steps, each skipped once done (a step that was cut off resumes from its newest checkpoint):
     data      OUT/data/: `--images` renders of the `train` split at 128 px, with captions (.txt);
               OUT/eval/: renders of the `heldout` split, for samples
-    a, clip   OUT/a/: the VQGAN, f4: 128 px → 32 × 32 × 4; beside it OUT/clip/: the text encoder
-              (clip.py), contrastive on the same world
-    parts     OUT/parts/: VQGAN (latent scale measured on the data) + text encoder, as a pipeline
-              folder whose settings say how the stages of this model fit together
-    semantic  OUT/semantic/: the semantic compressor (compressor.py; stride 16: 128 px → 8 × 8 × 16),
-              trained on the world's labels like Würstchen's ImageNet-trained EfficientNet, then
-              frozen; OUT/semantic/pipeline/ is parts + it
+    a, semantic
+              OUT/a/: the VQGAN, f4: 128 px → 32 × 32 × 4; beside it OUT/semantic/: the semantic
+              compressor (compressor.py; 128 px → 8 × 8 × 16), trained on the world's labels like
+              Würstchen's ImageNet-trained EfficientNet, then frozen
+    clip      OUT/clip/: the text encoder (clip.py), contrastive on the same world; its vision tower
+              sees images through the frozen compressor
+    parts     OUT/parts/: VQGAN (latent scale measured on the data) + compressor + text encoder, as a
+              pipeline folder whose settings say how the stages of this model fit together
     c, b      OUT/c/: the prior, on a cache of text states and semantic latents; beside it OUT/b/:
-              the decoder; both only need the frozen compressor, not each other
-    final     OUT/final/: the prior's pipeline with the decoder of b: the model
+              the decoder; both only need the frozen parts, not each other
+    final     OUT/final/: the parts with the prior of c and the decoder of b: the model
     ship      copies OUT/final/ to --ship (float16 weights where float32 would pass 25 MB)
 
-On a CPU the two steps of a phase (a + clip, c + b) run side by side, one thread each.
+On a CPU the two steps of a phase (a + semantic, c + b) run side by side, one thread each.
 """
 
 from __future__ import annotations
@@ -72,7 +73,11 @@ STAGE_C_MODEL = {"c_in": 16, "c": 192, "c_cond": 128, "c_r": 32, "depth": 6, "nh
 
 # Optimizer steps of each training step (`--{step}-steps`), and the `wuerstchen train` stage each runs
 # (semantic is compressor.py's own loop). b and c run side by side and take about as long.
-DEFAULT_STEPS = {"a": 1200, "semantic": 1500, "b": 4500, "c": 6000}
+DEFAULT_STEPS = {"a": 1200, "semantic": 1500, "b": 6000, "c": 6000}
+CLIP_STEPS = 1500
+# Every CLIP training scene comes with its twin (one stated fact changed: a shape, the colours, the
+# relation, the count): the hard negatives are what teach the text tower those words.
+CLIP_TWINS = 1.0
 TRAINS = {"a": "a", "b": "b", "c": "c"}
 
 # bf16 autocast: 1.4-1.6× faster steps on this project's CPUs (AMX), and the GPU default anyway.
@@ -92,7 +97,7 @@ def stage_configs(out: Path, steps: dict[str, int]) -> dict[str, dict[str, Any]]
             "checkpoint_every": 250, "sample_every": 250, "settings": SETTINGS,
         },
         "b": COMMON | ema | {
-            "data": data, "eval_data": ev, "pipeline": str(out / "semantic" / "pipeline"), "model": STAGE_B_MODEL,
+            "data": data, "eval_data": ev, "pipeline": str(out / "parts"), "model": STAGE_B_MODEL,
             "output_dir": str(out / "b"), "batch_size": 16, "lr": 1e-3, "warmup_steps": 100, "max_steps": steps["b"],
             "ema_start": 0, "checkpoint_every": 250, "sample_every": 1000, "semantic_scale_min": 1.0,
             "caption_drop": 0.1,
@@ -102,7 +107,7 @@ def stage_configs(out: Path, steps: dict[str, int]) -> dict[str, dict[str, Any]]
             "loss_weighting": "uniform",
         },
         "c": COMMON | ema | {
-            "data": data, "eval_data": ev, "pipeline": str(out / "semantic" / "pipeline"), "model": STAGE_C_MODEL,
+            "data": data, "eval_data": ev, "pipeline": str(out / "parts"), "model": STAGE_C_MODEL,
             "output_dir": str(out / "c"), "cache": str(out / "c-cache.safetensors"), "batch_size": 48,
             "lr": 5e-4, "warmup_steps": 100, "max_steps": steps["c"], "ema_start": min(2000, steps["c"] // 2),
             "checkpoint_every": 250, "sample_every": 1000, "caption_drop": 0.1, "sample_steps": 20,
@@ -154,11 +159,13 @@ def train_stage(out: Path, stage: str, options: dict[str, Any]) -> dict[str, Any
 
 @torch.no_grad()
 def make_parts(out: Path, log: Callable[[str], None]) -> None:
-    """OUT/parts/: the VQGAN with its latent scale measured (so Stage B sees unit-variance latents)
-    and the CLIP text tower for both stages, as a pipeline folder with this model's settings."""
+    """OUT/parts/: the VQGAN with its latent scale measured (so Stage B sees unit-variance latents),
+    the frozen semantic compressor and the CLIP text tower for both stages, as a pipeline folder with
+    this model's settings."""
     from transformers import AutoTokenizer, CLIPTextModel
 
     from ..io.checkpoint import load_model
+    from ..models.semantic import SemanticCompressor
     from ..models.stage_a import StageA
     from ..pipeline import PipelineSettings, WuerstchenPipeline
     from ..train.data import FolderDataset
@@ -175,6 +182,7 @@ def make_parts(out: Path, log: Callable[[str], None]) -> None:
     pipe = WuerstchenPipeline(
         None, encoder, tokenizer, None, encoder, tokenizer, vqgan, settings=PipelineSettings(**SETTINGS)
     )
+    pipe.semantic = load_model(SemanticCompressor, out / "semantic" / "semantic").eval()
     pipe.save_pretrained(out / "parts")
 
 
@@ -197,24 +205,24 @@ def ship(out: Path, dest: Path, limit_mb: float, log: Callable[[str], None]) -> 
 
 
 def assemble_final(out: Path, log: Callable[[str], None]) -> None:
-    """OUT/final/: the frozen parts (OUT/semantic/pipeline) with the prior of OUT/c and the decoder of OUT/b."""
+    """OUT/final/: the frozen parts (OUT/parts) with the prior of OUT/c and the decoder of OUT/b."""
     from ..io.checkpoint import load_model
     from ..models.stage_b import StageB
     from ..models.stage_c import StageC
     from ..pipeline import WuerstchenPipeline
 
-    pipe = WuerstchenPipeline.from_pretrained(out / "semantic" / "pipeline")
+    pipe = WuerstchenPipeline.from_pretrained(out / "parts")
     pipe.prior = load_model(StageC, out / "c" / "prior")
     pipe.decoder = load_model(StageB, out / "b" / "decoder")
     pipe.save_pretrained(out / "final")
     log(f"final: {out / 'final'}")
 
 
-def _side_command(out: Path, step: str, clip_steps: int, seed: int) -> list[str]:
+def _side_command(out: Path, step: str, steps: dict[str, int], seed: int, device: str) -> list[str]:
     """The command that runs `step` in a process of its own."""
-    if step == "clip":
-        return [sys.executable, "-m", "wuerstchen.shapes.clip", "--out", str(out / "clip"), "--steps",
-                str(clip_steps), "--seed", str(seed), "--bf16", "--resume"]  # fmt: skip
+    if step == "semantic":
+        return [sys.executable, "-m", "wuerstchen.shapes.compressor", "--out", str(out / "semantic"), "--steps",
+                str(steps["semantic"]), "--seed", str(seed), "--device", device]  # fmt: skip
     config = out / "configs" / f"{step}.json"
     return [sys.executable, "-m", "wuerstchen", "train", TRAINS[step], "--config", str(config), "--resume"]
 
@@ -223,7 +231,7 @@ def run(
     out: Path,
     n_images: int = 30_000,
     steps: dict[str, int] | None = None,
-    clip_steps: int = 600,
+    clip_steps: int = CLIP_STEPS,
     device: str | None = None,
     seed: int = 0,
     ship_to: Path | None = None,
@@ -247,14 +255,16 @@ def run(
         if step == "data":
             render_data(out, n_images, 64, seed, log)
             info = {"images": n_images}
+        elif step == "clip":
+            from .clip import train_clip
+
+            log(f"clip: {clip_steps} steps, seeing images through {out / 'semantic' / 'semantic'}")
+            info = train_clip(
+                out / "clip", clip_steps, seed=seed, config="semantic", twins=CLIP_TWINS, bf16=True, resume=True,
+                semantic=out / "semantic" / "semantic", log=log,
+            )  # fmt: skip
         elif step == "parts":
             make_parts(out, log)
-        elif step == "semantic":
-            from .compressor import train_compressor
-
-            where = "cpu" if on_cpu else (device or "cuda")
-            info = train_compressor(out / "parts", out / "semantic", steps["semantic"], seed=seed, device=where)
-            log(f"semantic: held-out accuracies {info}")
         elif step == "final":
             assemble_final(out, log)
         else:
@@ -266,11 +276,11 @@ def run(
     # Each phase is one step, or a step here and one beside it that needs nothing of the other. On a
     # CPU the two run side by side with one thread each: two small models at a time get more out of
     # 2 cores than two threads for one (about 1.3× here). On a GPU they run one after the other.
-    phases = [("data", None), ("a", "clip"), ("parts", None), ("semantic", None), ("c", "b"), ("final", None)]
+    phases = [("data", None), ("a", "semantic"), ("clip", None), ("parts", None), ("c", "b"), ("final", None)]
     for here, beside in phases:
         job = None
         if beside is not None and not _done(out, beside):
-            cmd = _side_command(out, beside, clip_steps, seed)
+            cmd = _side_command(out, beside, steps, seed, "cpu" if on_cpu else (device or "cuda"))
             env = {**os.environ, "OMP_NUM_THREADS": "1"} if on_cpu else None
             log(f"{beside}: " + " ".join(cmd[1:]))
             t0 = time.perf_counter()
@@ -294,7 +304,7 @@ def run(
 def _finish(out: Path, step: str, job: subprocess.Popen, t0: float) -> None:
     if job.wait() != 0:
         raise RuntimeError(f"step {step} failed (exit {job.returncode}); rerun the recipe to resume it")
-    info = json.loads((out / "clip" / "clip" / "metrics.json").read_text()) if step == "clip" else {}
+    info = json.loads((out / "semantic" / "metrics.json").read_text()) if step == "semantic" else {}
     _mark(out, step, info | {"seconds": round(time.perf_counter() - t0, 1)})
 
 
@@ -302,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m wuerstchen.shapes.recipe", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, type=Path, help="run folder (data, stages, checkpoints)")
     p.add_argument("--images", type=int, default=30_000, help="training renders")
-    p.add_argument("--clip-steps", type=int, default=600)
+    p.add_argument("--clip-steps", type=int, default=CLIP_STEPS)
     for stage, default in DEFAULT_STEPS.items():
         p.add_argument(f"--{stage}-steps", type=int, default=default, help=f"optimizer steps of step {stage}")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
