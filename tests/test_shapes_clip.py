@@ -10,7 +10,16 @@ import pytest
 import torch
 from transformers import AutoTokenizer, CLIPModel, CLIPTextModel
 
-from wuerstchen.shapes.clip import CONFIGS, _contrastive, _embed, build_clip, train_clip, training_batch, twin
+from wuerstchen.shapes.clip import (
+    CONFIGS,
+    _contrastive,
+    _embed,
+    build_clip,
+    train_clip,
+    training_batch,
+    twin,
+    twin_kind,
+)
 from wuerstchen.shapes.tokenizer import BOS, EOS, PAD, UNK, build_tokenizer, unknown_words
 from wuerstchen.shapes.world import HELDOUT_PAIRS, caption, eval_prompts, relation_of, sample_scene, vocabulary
 
@@ -106,11 +115,13 @@ def test_twins_differ_in_one_stated_fact_and_keep_the_split():
             assert scene.kind == "count" and len(scene.objects) == 3
             assert set(other.objects) < set(scene.objects)
             kinds.add("count")
+            assert twin_kind(scene, other) == "count"
         elif other.relation != scene.relation:
             a, b = other.objects
             assert other.relation == relation_of(a.cx, a.cy, b.cx, b.cy)
             assert [o.pair for o in other.objects] == [o.pair for o in scene.objects]
             kinds.add("relation")
+            assert twin_kind(scene, other) == "relation"
         else:
             assert [(o.cx, o.cy, o.size) for o in other.objects] == [(o.cx, o.cy, o.size) for o in scene.objects]
             changed = [(o, p) for o, p in zip(scene.objects, other.objects, strict=True) if o != p]
@@ -118,10 +129,12 @@ def test_twins_differ_in_one_stated_fact_and_keep_the_split():
                 assert sorted(o.colour for o in other.objects) == sorted(o.colour for o in scene.objects)
                 assert sorted(o.shape for o in other.objects) == sorted(o.shape for o in scene.objects)
                 kinds.add("binding")
+                assert twin_kind(scene, other) == "binding"
             else:  # one object's shape (single, pair) or every one's (count)
                 assert all(o.colour == p.colour and o.shape != p.shape for o, p in changed)
                 assert len(changed) == (1 if scene.kind == "pair" else len(scene.objects))
                 kinds.add(f"{scene.kind} shape")
+                assert twin_kind(scene, other) == "shape"
     assert kinds == {"relation", "binding", "count", "single shape", "pair shape", "count shape"}
 
 
