@@ -5,6 +5,8 @@ pytest -q tests/test_shapes_clip.py
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -164,6 +166,8 @@ def test_short_training_lowers_loss_and_writes_a_text_encoder(tokenizer, tmp_pat
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert encoder.config.eos_token_id == tokenizer.eos_token_id
     loaded_tok = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    saved = json.loads((tmp_path / "tokenizer" / "tokenizer.json").read_text())
+    assert saved["padding"] is None and saved["truncation"] is None  # not the last training call's
     batch = loaded_tok(PROMPTS, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
     with torch.no_grad():
         out = encoder(batch["input_ids"], attention_mask=batch["attention_mask"])

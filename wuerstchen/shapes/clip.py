@@ -452,7 +452,7 @@ def train_clip(
             metrics = _evaluate(model, tokenizer, compressor, eval_scenes)
             metrics.update(loss=loss.item(), steps=step + 1, train_seconds=round(train_seconds, 1))
             log("  " + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith(("heldout", "train_"))))
-            _save(model, tokenizer, opt, step + 1, metrics, out_dir)
+            _save(model, opt, step + 1, metrics, out_dir)
             since_log, clock = 0, time.perf_counter()  # evaluation and saving are not training time
     return metrics
 
@@ -471,7 +471,7 @@ def _evaluate(model: CLIPModel, tokenizer, semantic: nn.Module | None = None, n:
     return out
 
 
-def _save(model: CLIPModel, tokenizer, opt: torch.optim.Optimizer, step: int, metrics: dict, out_dir: Path) -> None:
+def _save(model: CLIPModel, opt: torch.optim.Optimizer, step: int, metrics: dict, out_dir: Path) -> None:
     """Write clip/, text_encoder/ and tokenizer/ into a temporary folder, then swap each into place,
     so a crash while saving leaves the previous save (or none), never a half-written one."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -483,7 +483,9 @@ def _save(model: CLIPModel, tokenizer, opt: torch.optim.Optimizer, step: int, me
         # The text tower alone, as the CLIPTextModel the pipeline loads; pooling needs its
         # eos_token_id, which the text sub-config carries.
         model.text_model.save_pretrained(tmp / "text_encoder")
-        tokenizer.save_pretrained(tmp / "tokenizer")
+        # A fresh one: the fast tokenizer used in training keeps its last call's padding and
+        # truncation in tokenizer.json.
+        build_tokenizer().save_pretrained(tmp / "tokenizer")
         for name in ("clip", "text_encoder", "tokenizer"):
             final, old = out_dir / name, out_dir / f".{name}.old"
             if final.exists():
