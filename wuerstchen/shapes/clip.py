@@ -69,41 +69,18 @@ class ClipConfig:
     channels: int = 3  # 3: RGB; 16: the frozen semantic compressor's latent (see `vision_input`)
 
 
+# Text tower 0.8 M parameters (3.2 MB in float32); the vision tower about the same.
+_SMALL = ClipConfig(width=128, layers=4, heads=4, vision_width=128, vision_layers=4, vision_heads=4, projection_dim=128)
+_TEST = ClipConfig(width=32, layers=1, heads=2, vision_width=32, vision_layers=1, vision_heads=2, projection_dim=32)
+# The vision tower reads the frozen semantic compressor's 8 × 8 × 16 latent of a 128 px render, one token
+# per cell: that latent already tells shapes apart, so the contrastive loss teaches the text tower shape
+# words too (from pixels, 600 steps taught it colour only).
+_LATENT = dict(image_size=8, patch_size=1, channels=16)
 CONFIGS: dict[str, ClipConfig] = {
-    # Text tower 0.8 M parameters (3.2 MB in float32); the vision tower about the same.
-    "small": ClipConfig(
-        width=128, layers=4, heads=4, vision_width=128, vision_layers=4, vision_heads=4, projection_dim=128
-    ),
-    # The vision tower reads the frozen semantic compressor's 8 × 8 × 16 latent of a 128 px render, one
-    # token per cell: that latent already tells shapes apart, so the contrastive loss teaches the text
-    # tower shape words too (from pixels, 600 steps taught it colour only).
-    "semantic": ClipConfig(
-        width=128,
-        layers=4,
-        heads=4,
-        vision_width=128,
-        vision_layers=4,
-        vision_heads=4,
-        projection_dim=128,
-        image_size=8,
-        patch_size=1,
-        channels=16,
-    ),  # fmt: skip
-    "test": ClipConfig(
-        width=32, layers=1, heads=2, vision_width=32, vision_layers=1, vision_heads=2, projection_dim=32
-    ),
-    "test-semantic": ClipConfig(
-        width=32,
-        layers=1,
-        heads=2,
-        vision_width=32,
-        vision_layers=1,
-        vision_heads=2,
-        projection_dim=32,
-        image_size=8,
-        patch_size=1,
-        channels=16,
-    ),  # fmt: skip
+    "small": _SMALL,
+    "semantic": dataclasses.replace(_SMALL, **_LATENT),
+    "test": _TEST,
+    "test-semantic": dataclasses.replace(_TEST, **_LATENT),
 }
 SEMANTIC_RENDER_SIZE = 128  # the side the semantic compressor is trained on (compressor.py)
 
@@ -158,6 +135,14 @@ def vision_input(model: CLIPModel, images: list[Image.Image], semantic: nn.Modul
     pixels = (image_tensor(images) + 1) / 2  # the compressor takes [0, 1]
     with torch.no_grad():
         return semantic.encode(pixels, size=(side, side)).float()
+
+
+def load_compressor(folder: str | Path) -> nn.Module:
+    """A saved SemanticCompressor, frozen, for `vision_input`."""
+    from ..io.checkpoint import load_model
+    from ..models.semantic import SemanticCompressor
+
+    return load_model(SemanticCompressor, folder).eval().requires_grad_(False)
 
 
 def render_size(model: CLIPModel, semantic: nn.Module | None = None) -> int:
@@ -390,10 +375,7 @@ def train_clip(
     cfg = CONFIGS[config] if isinstance(config, str) else config
     compressor = None
     if semantic is not None:
-        from ..io.checkpoint import load_model
-        from ..models.semantic import SemanticCompressor
-
-        compressor = load_model(SemanticCompressor, semantic).eval().requires_grad_(False)
+        compressor = load_compressor(semantic)
         if compressor.config.c_out != cfg.channels:
             raise ValueError(
                 f"{semantic}: its latent has {compressor.config.c_out} channels, the CLIP config's vision tower"
@@ -426,7 +408,7 @@ def train_clip(
     # The schedule is a function of the step alone, so a resumed run continues it where it stopped.
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: schedule(start + i))
 
-    size = SEMANTIC_RENDER_SIZE if compressor is not None else cfg.image_size
+    size = render_size(model, compressor)
     metrics: dict[str, float] = {}
     train_seconds, since_log, clock = 0.0, 0, time.perf_counter()
     for step in range(start, steps):
@@ -516,12 +498,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     if args.evaluate:
         model = CLIPModel.from_pretrained(Path(args.out) / "clip").eval()
-        compressor = None
-        if args.semantic is not None:
-            from ..io.checkpoint import load_model
-            from ..models.semantic import SemanticCompressor
-
-            compressor = load_model(SemanticCompressor, args.semantic).eval()
+        compressor = load_compressor(args.semantic) if args.semantic is not None else None
         accuracy = twin_accuracy(model, build_tokenizer(), "heldout", n=400, seed=1, semantic=compressor)
         print("held-out twins (400): " + "  ".join(f"{k} {v:.3f}" for k, v in accuracy.items()))
     else:
