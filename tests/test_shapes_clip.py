@@ -16,6 +16,7 @@ from wuerstchen.shapes.clip import (
     CONFIGS,
     _contrastive,
     _embed,
+    _twin_loss,
     build_clip,
     train_clip,
     training_batch,
@@ -144,6 +145,24 @@ def test_training_batch_is_a_function_of_seed_and_step():
     a, b = training_batch(3, 16, seed=5, size=32), training_batch(3, 16, seed=5, size=32)
     assert a[1] == b[1] and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(a[0], b[0], strict=True))
     assert len(a[0]) == 16 and a[1] != training_batch(4, 16, seed=5, size=32)[1]
+    # Every twin sits right after its scene, and its caption differs.
+    assert a[2] and all(j == i + 1 and a[1][i] != a[1][j] for i, j in a[2])
+    assert training_batch(3, 16, seed=5, size=32, twins=0.0)[2] == []
+
+
+def test_twin_loss_is_the_contrastive_loss_within_each_pair(tokenizer):
+    m = build_clip(CONFIGS["test"], tokenizer)
+    e = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
+    scale = m.logit_scale.exp().item()
+    # Twins the towers cannot tell apart: each 2-way choice is a coin flip.
+    same = torch.stack([e[0], e[0], e[1], e[1]])
+    assert _twin_loss(m, same, same, [(0, 1), (2, 3)]).item() == pytest.approx(np.log(2), rel=1e-6)
+    # Told apart: caption 0 matches image 0 (cosine 1) against the twin's image (cosine c).
+    c = 0.9
+    image = text = torch.tensor([[1.0, 0.0], [c, (1 - c * c) ** 0.5]])
+    expected = np.log1p(np.exp(scale * (c - 1)))
+    assert _twin_loss(m, image, text, [(0, 1)]).item() == pytest.approx(expected, rel=1e-4)
+    assert _twin_loss(m, image, text, []).item() == 0.0
 
 
 def test_short_training_lowers_loss_and_writes_a_text_encoder(tokenizer, tmp_path):
@@ -155,7 +174,7 @@ def test_short_training_lowers_loss_and_writes_a_text_encoder(tokenizer, tmp_pat
     with torch.no_grad():
         losses = [
             [
-                _contrastive(m, *_embed(m, tokenizer, *training_batch(10_000 + i, 32, seed=0)))[0].item()
+                _contrastive(m, *_embed(m, tokenizer, *training_batch(10_000 + i, 32, seed=0)[:2]))[0].item()
                 for i in range(3)
             ]
             for m in (before, after)
@@ -208,6 +227,14 @@ def test_semantic_clip_sees_images_through_the_compressor(tokenizer, tmp_path):
     images = training_batch(0, 2, size=128)[0]
     x = vision_input(model, images, compressor)
     pixels = torch.stack([torch.from_numpy(np.array(im)).permute(2, 0, 1) for im in images]).float() / 255
-    torch.testing.assert_close(x, compressor.encode(pixels, size=(8, 8)))
+    latent = compressor.encode(pixels, size=(8, 8))
+    # The latent, then the latent times each cell's column and row in [-1, 1].
+    assert x.shape == (2, 48, 8, 8)
+    torch.testing.assert_close(x[:, :16], latent)
+    torch.testing.assert_close(x[:, 16:32, :, 0], -latent[..., 0])
+    torch.testing.assert_close(x[:, 16:32, :, -1], latent[..., -1])
+    torch.testing.assert_close(x[:, 32:, 0], -latent[:, :, 0])
+    torch.testing.assert_close(x[:, 32:, -1], latent[:, :, -1])
+    torch.testing.assert_close(x[:, 32:, :, 3], latent[:, :, :, 3] * torch.linspace(-1, 1, 8))
     assert model.get_image_features(pixel_values=x).pooler_output.shape == (2, CONFIGS["test-semantic"].projection_dim)
     assert CLIPTextModel.from_pretrained(tmp_path / "clip" / "text_encoder").config.hidden_size == 32

@@ -24,11 +24,14 @@ text states of "a green triangle" and "a green cross": pooled cosine 0.999), and
 "right of", or which object is red, not at all. So beside a scene the batch may hold its twin, which
 differs in one stated fact: one object's shape (every object's, in count scenes), the relation (the
 positions mirrored), which object has which colour, or one object fewer. Twins are built from the
-scene and captioned by the world's own `caption`, so every caption stays true. With config
-"semantic" the vision tower does not see pixels but the frozen semantic compressor's 8 × 8 × 16
-latent of a 128 px render (compressor.py), one token per cell, as Würstchen's Stage C does; that
-latent already tells shapes apart, and the text tower learns the shape words within a few hundred
-steps. The `heldout` split (colour–shape pairs training never shows) measures retrieval on
+scene and captioned by the world's own `caption`, so every caption stays true. Besides the batch's
+loss, each (scene, twin) pair has a loss of its own (`_twin_loss`): in the batch a twin is one
+negative among dozens, and relations were not learnt from that alone. With config "semantic" the
+vision tower does not see pixels but the frozen semantic compressor's 8 × 8 × 16 latent of a 128 px
+render (compressor.py), one token per cell, as Würstchen's Stage C does, beside that latent times
+each cell's column and row (`with_coordinates`); that latent already tells shapes apart, and the
+text tower learns the shape words within a few hundred steps, the relation words within about a
+thousand. The `heldout` split (colour–shape pairs training never shows) measures retrieval on
 compositions the model has not seen.
 """
 
@@ -67,6 +70,8 @@ class ClipConfig:
     image_size: int = 64  # the vision tower's input side: pixels, or semantic latent cells
     patch_size: int = 8
     channels: int = 3  # 3: RGB; 16: the frozen semantic compressor's latent (see `vision_input`)
+    # The input also carries itself times x and times y (3 × channels in all, see `with_coordinates`).
+    coordinates: bool = False
 
 
 # Text tower 0.8 M parameters (3.2 MB in float32); the vision tower about the same.
@@ -75,7 +80,10 @@ _TEST = ClipConfig(width=32, layers=1, heads=2, vision_width=32, vision_layers=1
 # The vision tower reads the frozen semantic compressor's 8 × 8 × 16 latent of a 128 px render, one token
 # per cell: that latent already tells shapes apart, so the contrastive loss teaches the text tower shape
 # words too (from pixels, 600 steps taught it colour only).
-_LATENT = dict(image_size=8, patch_size=1, channels=16)
+# With the latent times x and times y beside it, a cell's content and place enter the tower as one
+# linear feature, which relations ("left of") need: supervised on the relation of two objects, the
+# tower reached 77 % in 150 steps with them and 42 % without (chance 25 %).
+_LATENT = dict(image_size=8, patch_size=1, channels=16, coordinates=True)
 CONFIGS: dict[str, ClipConfig] = {
     "small": _SMALL,
     "semantic": dataclasses.replace(_SMALL, **_LATENT),
@@ -103,7 +111,7 @@ def build_clip(config: ClipConfig, tokenizer, seed: int = 0) -> CLIPModel:
     vision = dict(
         image_size=config.image_size,
         patch_size=config.patch_size,
-        num_channels=config.channels,
+        num_channels=config.channels * (3 if config.coordinates else 1),
         hidden_size=config.vision_width,
         intermediate_size=4 * config.vision_width,
         num_hidden_layers=config.vision_layers,
@@ -113,28 +121,33 @@ def build_clip(config: ClipConfig, tokenizer, seed: int = 0) -> CLIPModel:
     return CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=config.projection_dim))
 
 
-def image_tensor(images: list[Image.Image], channels: int = 3) -> Tensor:
-    """RGB images → (B, channels, H, W), the vision tower's input: RGB in [-1, 1] (no CLIP mean/std:
-    the tower is trained from scratch on these images only), then with channels=9 also RGB·x and
-    RGB·y, x and y the pixel's coordinates in [-1, 1]."""
+def with_coordinates(x: Tensor) -> Tensor:
+    """(B, C, H, W) → (B, 3C, H, W): x, x·u and x·v, with u and v each pixel's (or cell's) column
+    and row in [-1, 1]."""
+    h, w = x.shape[-2:]
+    v, u = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
+    return torch.cat([x, x * u.to(x), x * v.to(x)], dim=1)
+
+
+def image_tensor(images: list[Image.Image]) -> Tensor:
+    """RGB images → (B, 3, H, W) in [-1, 1] (no CLIP mean/std: the tower is trained from scratch on
+    these images only)."""
     rgb = torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images]))
-    rgb = rgb.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    if channels == 3:
-        return rgb
-    h, w = rgb.shape[-2:]
-    y, x = torch.meshgrid(torch.linspace(-1, 1, h), torch.linspace(-1, 1, w), indexing="ij")
-    return torch.cat([rgb, rgb * x, rgb * y], dim=1)
+    return rgb.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def vision_input(model: CLIPModel, images: list[Image.Image], semantic: nn.Module | None = None) -> Tensor:
     """What the vision tower reads: `image_tensor` of the images, or, with a frozen `semantic`
-    compressor, its latent of them (B, 16, side, side), side = the tower's image_size."""
+    compressor, its latent of them (B, 16, side, side), side = the tower's image_size; then
+    `with_coordinates` of that where the tower reads three times its channels."""
     if semantic is None:
-        return image_tensor(images, model.config.vision_config.num_channels)
-    side = model.config.vision_config.image_size
-    pixels = (image_tensor(images) + 1) / 2  # the compressor takes [0, 1]
-    with torch.no_grad():
-        return semantic.encode(pixels, size=(side, side)).float()
+        x = image_tensor(images)
+    else:
+        side = model.config.vision_config.image_size
+        pixels = (image_tensor(images) + 1) / 2  # the compressor takes [0, 1]
+        with torch.no_grad():
+            x = semantic.encode(pixels, size=(side, side)).float()
+    return with_coordinates(x) if model.config.vision_config.num_channels == 3 * x.shape[1] else x
 
 
 def load_compressor(folder: str | Path) -> nn.Module:
@@ -218,19 +231,24 @@ def _scene_and_twin(
 
 def training_batch(
     step: int, batch_size: int, seed: int = 0, size: int = 64, twins: float = 0.5
-) -> tuple[list[Image.Image], list[str]]:
-    """The (images, captions) of one step, from `train` scenes and their twins; a function of
-    (seed, step) only, so a resumed run sees the same batches."""
+) -> tuple[list[Image.Image], list[str], list[tuple[int, int]]]:
+    """The (images, captions) of one step, from `train` scenes and their twins, and the batch indices
+    (scene, twin) of each twin that made it into the batch; a function of (seed, step) only, so a
+    resumed run sees the same batches."""
     images: list[Image.Image] = []
     captions: list[str] = []
+    pairs: list[tuple[int, int]] = []
     k = 0
     while len(images) < batch_size:
-        for image, text, _ in _scene_and_twin(np.random.default_rng([seed, step, k]), "train", size, twins):
+        items = _scene_and_twin(np.random.default_rng([seed, step, k]), "train", size, twins)
+        if len(items) == 2 and len(images) + 2 <= batch_size:
+            pairs.append((len(images), len(images) + 1))
+        for image, text, _ in items:
             if len(images) < batch_size:
                 images.append(image)
                 captions.append(text)
         k += 1
-    return images, captions
+    return images, captions, pairs
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,6 +273,23 @@ def _contrastive(model: CLIPModel, image: Tensor, text: Tensor) -> tuple[Tensor,
     target = torch.arange(len(text))
     loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
     return loss, (logits.argmax(1) == target).float().mean().item()
+
+
+def _twin_loss(model: CLIPModel, image: Tensor, text: Tensor, pairs: list[tuple[int, int]]) -> Tensor:
+    """The contrastive loss within each (scene, twin) pair alone: its caption against the twin's
+    image, its image against the twin's caption. In the whole batch a twin is one negative among
+    dozens that colour alone tells apart; on its own it is the whole signal. Without it the tower
+    learnt no relation words (twin accuracy at chance after 1000 steps of pair scenes); with it,
+    90 % in 200."""
+    if not pairs:
+        return image.new_zeros(())
+    index = torch.tensor(pairs)  # (P, 2)
+    i, t = image[index], text[index]  # (P, 2, D)
+    logits = model.logit_scale.exp().clamp(max=100) * t @ i.transpose(1, 2)  # (P, 2 texts, 2 images)
+    target = torch.arange(2).repeat(len(pairs))
+    return (
+        F.cross_entropy(logits.reshape(-1, 2), target) + F.cross_entropy(logits.transpose(1, 2).reshape(-1, 2), target)
+    ) / 2
 
 
 @torch.no_grad()
@@ -356,6 +391,7 @@ def train_clip(
     weight_decay: float = 0.1,
     config: str | ClipConfig = "small",
     twins: float = 0.5,
+    twin_weight: float = 1.0,
     bf16: bool = False,
     resume: bool = False,
     semantic: str | Path | None = None,
@@ -370,6 +406,7 @@ def train_clip(
     decay to 0. `bf16` runs the forward passes under CPU bf16 autocast (faster where the CPU has
     AVX512-BF16 or AMX). `resume` continues from out_dir/clip/ if a run stopped early. `semantic`, a
     saved SemanticCompressor folder, is what a config with 16 channels sees images through (frozen).
+    `twin_weight` weighs `_twin_loss` (0: the batch's loss alone).
     """
     out_dir = Path(out_dir)
     cfg = CONFIGS[config] if isinstance(config, str) else config
@@ -381,7 +418,7 @@ def train_clip(
                 f"{semantic}: its latent has {compressor.config.c_out} channels, the CLIP config's vision tower"
                 f" reads {cfg.channels}: use a config made for the compressor (e.g. 'semantic')"
             )
-    elif cfg.channels not in (3, 9):
+    elif cfg.channels != 3:
         raise ValueError(f"a CLIP config with {cfg.channels} input channels reads a semantic latent: pass `semantic`")
     tokenizer = build_tokenizer()
     state_file = out_dir / "clip" / "train_state.pt"
@@ -413,10 +450,12 @@ def train_clip(
     train_seconds, since_log, clock = 0.0, 0, time.perf_counter()
     for step in range(start, steps):
         model.train()
-        images, captions = training_batch(step, batch_size, seed, size, twins)
+        images, captions, pairs = training_batch(step, batch_size, seed, size, twins)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             image, text = _embed(model, tokenizer, images, captions, compressor)
         loss, acc = _contrastive(model, image, text)
+        if twin_weight:
+            loss = loss + twin_weight * _twin_loss(model, image, text, pairs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -488,6 +527,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=50)
     p.add_argument("--config", choices=sorted(CONFIGS), default="small")
     p.add_argument("--twins", type=float, default=0.5, help="probability of adding a hard-negative twin")
+    p.add_argument("--twin-weight", type=float, default=1.0, help="weight of the loss within each scene-twin pair")
     p.add_argument("--bf16", action="store_true", help="CPU bf16 autocast")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--semantic", type=Path, help="SemanticCompressor folder the vision tower sees images through")
@@ -504,7 +544,8 @@ def main(argv: list[str] | None = None) -> None:
     else:
         train_clip(
             args.out, args.steps, args.batch_size, args.seed, args.lr, args.warmup,
-            config=args.config, twins=args.twins, bf16=args.bf16, resume=args.resume, semantic=args.semantic,
+            config=args.config, twins=args.twins, twin_weight=args.twin_weight, bf16=args.bf16,
+            resume=args.resume, semantic=args.semantic,
         )  # fmt: skip
     encoder = CLIPTextModel.from_pretrained(Path(args.out) / "text_encoder").eval()
     tokenizer = build_tokenizer()

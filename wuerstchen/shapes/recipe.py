@@ -74,9 +74,10 @@ STAGE_C_MODEL = {"c_in": 16, "c": 192, "c_cond": 128, "c_r": 32, "depth": 6, "nh
 # Optimizer steps of each training step (`--{step}-steps`), and the `wuerstchen train` stage each runs
 # (semantic is compressor.py's own loop). b and c run side by side and take about as long.
 DEFAULT_STEPS = {"a": 1200, "semantic": 1500, "b": 5000, "c": 6000}
-CLIP_STEPS = 1500
+CLIP_STEPS = 2000
 # Every CLIP training scene comes with its twin (one stated fact changed: a shape, the colours, the
-# relation, the count): the hard negatives are what teach the text tower those words.
+# relation, the count), with a loss of its own per pair (clip.py `_twin_loss`): the hard negatives
+# are what teach the text tower those words.
 CLIP_TWINS = 1.0
 TRAINS = {"a": "a", "b": "b", "c": "c"}
 
