@@ -160,6 +160,7 @@ def test_evaluator_reads_renders_back(split: str, size: int):
     assert metrics["n"] == 300 and metrics["n_relation"] == 100 and metrics["n_count"] == 100
     for key in ("colour_acc", "colour_shape_acc", "relation_acc", "count_acc", "exact_acc"):
         assert metrics[key] >= 0.99, (key, metrics)
+    assert metrics["pair_colour_shape_acc"] >= 0.99 and metrics["relation_when_drawn_acc"] >= 0.99, metrics
     # Beyond the metrics: sizes, positions and the background are read back too.
     for image, (_, s) in zip(images[:60], prompts[:60], strict=True):
         found, background = detect(image)
@@ -197,6 +198,11 @@ def test_evaluator_fails_wrong_prompts():
     assert score(Scene((red_circle, blue_square), "white"), pair)["relation"]
     swapped = Scene((dataclasses.replace(red_circle, cx=0.75), dataclasses.replace(blue_square, cx=0.25)), "white")
     assert swapped.relation == "right of" and not score(swapped, pair)["relation"]
+    # Both drawn, one placed wrong; a second image with the square missing.
+    circle_only = render(Scene((red_circle,), "white"))
+    metrics = evaluate([pair, pair, circle_only], [Scene((red_circle, blue_square), "white"), swapped, swapped])
+    assert metrics["pair_colour_shape_acc"] == pytest.approx(2 / 3) and metrics["relation_when_drawn_acc"] == 0.5
+    assert evaluate([image], [Scene((red_circle,), "white")])["relation_when_drawn_acc"] is None
 
     two = Scene((red_circle, Obj("circle", "red", "large", 0.75, 0.5)), "grey")
     three = Scene((*two.objects, Obj("circle", "red", "large", 0.5, 0.15)), "grey")

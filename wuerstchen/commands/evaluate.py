@@ -136,6 +136,12 @@ def print_report(report: dict[str, Any]) -> None:
     for split in ("train", "heldout"):
         for source, m in report.get(split, {}).items():
             print(f"{split:9} {source:13} {m['n']:4d} " + " ".join(f"{_fmt(m[k]):>12}" for k in KEYS))
+        model = report.get(split, {}).get("model")
+        if model and model.get("pair_colour_shape_acc") is not None:
+            print(
+                f"{split:9} two-object prompts: both objects drawn {_fmt(model['pair_colour_shape_acc'])}, of those"
+                f" the first on the prompted side {_fmt(model['relation_when_drawn_acc'])} (chance about 25%)"
+            )
     rec = report.get("reconstruction")
     if rec:
         parts = [f"Stage {s} {rec[f'stage_{s.lower()}_psnr']:.2f} dB" for s in "AB" if rec[f"stage_{s.lower()}_psnr"]]

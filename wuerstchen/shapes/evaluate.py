@@ -206,14 +206,18 @@ def evaluate(
     images: Sequence[Image.Image | np.ndarray], prompt_scenes: Sequence[Scene | tuple[str, Scene]]
 ) -> dict[str, float | int | None]:
     """Accuracies over all prompts (colour, colour_shape, exact), pair prompts (relation) and
-    count prompts (count); None where no prompt of that kind was given."""
+    count prompts (count); None where no prompt of that kind was given. For pair prompts also
+    pair_colour_shape (both objects drawn) and relation_when_drawn (the relation right among those),
+    which tell a model that cannot draw two objects from one that cannot place them."""
     if len(images) != len(prompt_scenes):
         raise ValueError(f"{len(images)} images for {len(prompt_scenes)} prompts")
     scores = [score(p, im) for im, p in zip(images, prompt_scenes, strict=True)]
 
-    def mean(key: str) -> float | None:
-        vals = [s[key] for s in scores if s[key] is not None]
+    def mean(key: str, among: list[dict] = scores) -> float | None:
+        vals = [s[key] for s in among if s[key] is not None]
         return float(np.mean(vals)) if vals else None
+
+    pairs = [s for s in scores if s["kind"] == "pair"]
 
     return {
         "colour_acc": mean("colour"),
@@ -221,6 +225,8 @@ def evaluate(
         "relation_acc": mean("relation"),
         "count_acc": mean("count"),
         "exact_acc": mean("exact"),
+        "pair_colour_shape_acc": mean("colour_shape", pairs),
+        "relation_when_drawn_acc": mean("relation", [s for s in pairs if s["colour_shape"]]),
         "n": len(scores),
         "n_relation": sum(s["relation"] is not None for s in scores),
         "n_count": sum(s["count"] is not None for s in scores),
