@@ -267,12 +267,20 @@ def _embed(
     return F.normalize(image.float(), dim=-1), F.normalize(text.float(), dim=-1)
 
 
+def _symmetric_loss(model: CLIPModel, image: Tensor, text: Tensor) -> tuple[Tensor, Tensor]:
+    """CLIP's symmetric InfoNCE loss over each group of n images and their n captions, (..., n, D)
+    each, and the logits (..., n texts, n images)."""
+    logits = model.logit_scale.exp().clamp(max=100) * text @ image.transpose(-1, -2)
+    n = logits.shape[-1]
+    target = torch.arange(n).expand(logits.shape[:-1]).reshape(-1)
+    text_to_image, image_to_text = logits.reshape(-1, n), logits.transpose(-1, -2).reshape(-1, n)
+    return (F.cross_entropy(text_to_image, target) + F.cross_entropy(image_to_text, target)) / 2, logits
+
+
 def _contrastive(model: CLIPModel, image: Tensor, text: Tensor) -> tuple[Tensor, float]:
-    """CLIP's symmetric InfoNCE loss and the batch's text→image top-1 accuracy."""
-    logits = model.logit_scale.exp().clamp(max=100) * text @ image.T  # (B texts, B images)
-    target = torch.arange(len(text))
-    loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
-    return loss, (logits.argmax(1) == target).float().mean().item()
+    """CLIP's symmetric InfoNCE loss over the batch and its text→image top-1 accuracy."""
+    loss, logits = _symmetric_loss(model, image, text)
+    return loss, (logits.argmax(1) == torch.arange(len(text))).float().mean().item()
 
 
 def _twin_loss(model: CLIPModel, image: Tensor, text: Tensor, pairs: list[tuple[int, int]]) -> Tensor:
@@ -284,12 +292,7 @@ def _twin_loss(model: CLIPModel, image: Tensor, text: Tensor, pairs: list[tuple[
     if not pairs:
         return image.new_zeros(())
     index = torch.tensor(pairs)  # (P, 2)
-    i, t = image[index], text[index]  # (P, 2, D)
-    logits = model.logit_scale.exp().clamp(max=100) * t @ i.transpose(1, 2)  # (P, 2 texts, 2 images)
-    target = torch.arange(2).repeat(len(pairs))
-    return (
-        F.cross_entropy(logits.reshape(-1, 2), target) + F.cross_entropy(logits.transpose(1, 2).reshape(-1, 2), target)
-    ) / 2
+    return _symmetric_loss(model, image[index], text[index])[0]
 
 
 @torch.no_grad()
