@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,8 @@ def count_flops(impl: str, pipe: Any, size: int, prior_times: list[float], decod
     """FLOPs per stage for the full schedule: counted with 1 and 2 steps and extrapolated (the
     per-step work is constant; the difference separates it from the once-per-generation work)."""
     per_k = []
+    if impl == "ours":  # the counter does not see oneDNN's ops; F.linear does the same arithmetic
+        packed, pipe.packed_stages = pipe.packed_stages, ()
     for k in (1, 2):
         times = [1.0 - i / k for i in range(k + 1)]
         runners = stage_runners(impl, pipe, size, times, k)
@@ -114,6 +117,8 @@ def count_flops(impl: str, pipe: Any, size: int, prior_times: list[float], decod
                 x = run(x, g)
             flops.append(float(counter.get_total_flops()))
         per_k.append(flops)
+    if impl == "ours":
+        pipe.packed_stages = packed
     steps = [len(prior_times) - 1, decoder_steps, 1]
     return [f1 + (n - 1) * (f2 - f1) if i < 2 else f1 for i, (f1, f2, n) in enumerate(zip(*per_k, steps, strict=True))]
 
@@ -125,6 +130,7 @@ def ablations(pipe: WuerstchenPipeline, size: int, prior_times: list[float], dec
     from unittest import mock
 
     from .models import blocks, stage_b, stage_c
+    from .models.onednn import packed_linears
     from .sampling import sample, timesteps
 
     h, w = pipe.prior_latent_size(size, size)
@@ -136,10 +142,15 @@ def ablations(pipe: WuerstchenPipeline, size: int, prior_times: list[float], dec
     x_dec = torch.randn(1, pipe.decoder.config.c_in, hb, wb, generator=torch.Generator().manual_seed(2))
     prior, decoder = pipe.prior, pipe.decoder
 
-    def run(cache_text: bool, batched_cfg: bool) -> float:
-        kv = prior.condition(text)
-        kv_halves = [prior.condition(t) for t in text.chunk(2)]
-        cond = decoder.condition(effnet, dec_text, (hb, wb))
+    def run(cache_text: bool, batched_cfg: bool, packed: tuple[str, ...] = ("prior",)) -> float:
+        def stage(name: str) -> AbstractContextManager:  # as the pipeline does (`packed_stages`)
+            return packed_linears(name in packed)
+
+        with stage("prior"):
+            kv = prior.condition(text)
+            kv_halves = [prior.condition(t) for t in text.chunk(2)]
+        with stage("decoder"):
+            cond = decoder.condition(effnet, dec_text, (hb, wb))
 
         def denoise_prior(x, r):
             if not batched_cfg:
@@ -154,14 +165,18 @@ def ablations(pipe: WuerstchenPipeline, size: int, prior_times: list[float], dec
             return decoder(x, r, cond=cond) if cache_text else decoder(x, r, effnet, dec_text)
 
         t0 = time.perf_counter()
-        sample(denoise_prior, x_prior, prior_times, sampler="ddim")
-        sample(denoise_decoder, x_dec, timesteps(decoder_steps), sampler="ddim")
+        with stage("prior"):
+            sample(denoise_prior, x_prior, prior_times, sampler="ddim")
+        with stage("decoder"):
+            sample(denoise_decoder, x_dec, timesteps(decoder_steps), sampler="ddim")
         return time.perf_counter() - t0
 
     identity = lambda t: t  # noqa: E731
     results = {"all speed-ups": run(True, True)}
     results["text K/V every step"] = run(False, True)
     results["CFG as two passes"] = run(True, False)
+    results["prior's Linear layers as F.linear"] = run(True, True, packed=())
+    results["(decoder's on oneDNN too)"] = run(True, True, packed=("prior", "decoder"))
     decoder.project_effnet = False
     try:
         results["semantic projection every step"] = run(True, True)
@@ -451,7 +466,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"  {name} / diffusers fp32: load time {m['load_s'] / ref_m['load_s']:.2f}×, peak memory {ratio:.2f}×")
     print("\nours fp32, the two sampling loops (prior + decoder) with one speed-up taken away at a time:")
     for name, seconds in ablation.items():
-        print(f"  {name:31} {seconds:7.2f} s  ({seconds / ablation['all speed-ups']:.2f}× the time)")
+        print(f"  {name:34} {seconds:7.2f} s  ({seconds / ablation['all speed-ups']:.2f}× the time)")
     if args.paper:
         w, sdxl = paper_flops()
         print(f"\nFLOPs per 1024² image (torch's FLOP counter, official configs): Würstchen v2 {w / 1e12:.0f} TFLOP "

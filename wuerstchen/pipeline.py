@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from .models.onednn import packed_linears
 from .models.stage_a import StageA
 from .models.stage_b import StageB
 from .models.stage_c import StageC
@@ -134,6 +135,11 @@ class WuerstchenPipeline:
         self._device = torch.device("cpu")
         self._offload: str | None = None
         self._compiled: dict[str, Callable] = {}
+        # CPU inference: in these stages the Linear layers run on oneDNN with their weights packed once
+        # per sampling loop and the MLPs' GELU fused in (models/onednn.py), at the cost of one more
+        # copy of the stage's Linear weights while it runs. The decoder is left out: its weights are
+        # the largest, so packing them raises the generation's peak memory, for little gain.
+        self.packed_stages: tuple[str, ...] = ("prior", "vqgan")
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
@@ -222,16 +228,23 @@ class WuerstchenPipeline:
 
     @contextmanager
     def _placed(self, name: str) -> Iterator[Callable]:
-        """Yield the callable for model `name` on the execution device, honouring offload."""
+        """Yield the callable for model `name` on the execution device, honouring offload (on a CPU,
+        the Linear layers of `packed_stages` run on oneDNN meanwhile, offloaded or not)."""
+        with packed_linears(name in self.packed_stages and name not in self._compiled):
+            with self._offloaded(name):
+                yield self._compiled.get(name, getattr(self, name))
+
+    @contextmanager
+    def _offloaded(self, name: str) -> Iterator[None]:
+        """Model `name` on the execution device for the block (all of it, or layer by layer)."""
         module = getattr(self, name)
-        fn = self._compiled.get(name, module)
         if self._offload is None:
-            yield fn
+            yield
             return
         if self._offload == "model":
             module.to(self._device)
             try:
-                yield fn
+                yield
             finally:
                 module.to("cpu")
             return
@@ -248,7 +261,7 @@ class WuerstchenPipeline:
             if own:
                 hooks += [leaf.register_forward_pre_hook(load), leaf.register_forward_hook(unload)]
         try:
-            yield fn
+            yield
         finally:
             for h in hooks:
                 h.remove()

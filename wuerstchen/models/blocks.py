@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .onednn import Linear, linear, linear_add
+
 
 def channel_norm(x: Tensor, eps: float = 1e-6) -> Tensor:
     """LayerNorm over the channels of an NCHW tensor, no affine (Würstchen's `LayerNorm2d`)."""
@@ -71,11 +73,27 @@ class GlobalResponseNorm(nn.Module):
         return torch.addcmul(self.beta, x, self.gamma * n + 1)
 
 
-def _channelwise(c_in: int, c: int, dropout: float) -> nn.Sequential:
+class MLP(nn.Sequential):
+    """`nn.Sequential(Linear, GELU, ...)` whose first Linear and GELU run as one oneDNN op inside
+    `onednn.packed_linears()` (parameter names keep the Sequential's indices)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        first, act = self[0], self[1]
+        if type(first) is not Linear or type(act) is not nn.GELU or act.approximate != "none":
+            return super().forward(x)  # e.g. a LoRA wrapper in place of the first Linear
+        return self.tail(linear(x, first.weight, first.bias, gelu=True))
+
+    def tail(self, h: Tensor) -> Tensor:
+        """The layers after the GELU, on `h` = GELU(first Linear)."""
+        for i, layer in enumerate(self):
+            if i > 1:
+                h = layer(h)
+        return h
+
+
+def _channelwise(c_in: int, c: int, dropout: float) -> MLP:
     # Indices 0, 2, 4 carry parameters: the names `channelwise.{0,2,4}` of the checkpoints.
-    return nn.Sequential(
-        nn.Linear(c_in, c * 4), nn.GELU(), GlobalResponseNorm(c * 4), nn.Dropout(dropout), nn.Linear(c * 4, c)
-    )
+    return MLP(Linear(c_in, c * 4), nn.GELU(), GlobalResponseNorm(c * 4), nn.Dropout(dropout), Linear(c * 4, c))
 
 
 class ResBlock(nn.Module):
@@ -121,10 +139,9 @@ class ResBlockStageB(nn.Module):
             h = torch.cat([h, x_skip.permute(0, 2, 3, 1)], dim=-1)
         if projected is None:
             return x + self.channelwise(h).permute(0, 3, 1, 2)
-        # projected + h · W[:, :k]ᵀ in one GEMM (a column slice of W needs no copy).
-        k, first = h.shape[-1], self.channelwise[0]
-        h = torch.addmm(projected.reshape(-1, projected.shape[-1]), h.reshape(-1, k), first.weight[:, :k].t())
-        h = self.channelwise[1:](h.view(projected.shape))
+        # projected + h · W[:, :k]ᵀ in one GEMM.
+        mlp = self.channelwise
+        h = mlp.tail(mlp[1](linear_add(h, mlp[0].weight, projected)))
         return x + h.permute(0, 3, 1, 2)
 
 
@@ -133,7 +150,7 @@ class TimestepBlock(nn.Module):
 
     def __init__(self, c: int, c_r: int) -> None:
         super().__init__()
-        self.mapper = nn.Linear(c_r, c * 2)
+        self.mapper = Linear(c_r, c * 2)
 
     def forward(self, x: Tensor, r_emb: Tensor) -> Tensor:
         a, b = self.mapper(r_emb)[:, :, None, None].chunk(2, dim=1)
@@ -147,10 +164,10 @@ class Attention(nn.Module):
         super().__init__()
         self.nhead = nhead
         self.dropout = dropout  # on the attention weights, as nn.MultiheadAttention in the original
-        self.to_q = nn.Linear(c, c)
-        self.to_k = nn.Linear(c, c)
-        self.to_v = nn.Linear(c, c)
-        self.to_out = nn.Sequential(nn.Linear(c, c))
+        self.to_q = Linear(c, c)
+        self.to_k = Linear(c, c)
+        self.to_v = Linear(c, c)
+        self.to_out = nn.Sequential(Linear(c, c))
 
     def heads(self, t: Tensor) -> Tensor:
         """(B, N, C) → (B, heads, N, C/heads)."""
@@ -168,7 +185,7 @@ class AttnBlock(nn.Module):
         super().__init__()
         self.self_attn = self_attn
         self.attention = Attention(c, nhead, dropout)
-        self.kv_mapper = nn.Sequential(nn.SiLU(), nn.Linear(c_cond, c))
+        self.kv_mapper = nn.Sequential(nn.SiLU(), Linear(c_cond, c))
 
     def text_kv(self, cond: Tensor) -> tuple[Tensor, Tensor]:
         """cond (B, L, c_cond) → keys, values (B, heads, L, d)."""

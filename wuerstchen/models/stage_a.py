@@ -13,6 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .blocks import MLP
+from .onednn import Linear
+
 
 @dataclass(frozen=True)
 class StageAConfig:
@@ -49,7 +52,7 @@ class MixingResidualBlock(nn.Module):
     def __init__(self, c: int, c_hidden: int) -> None:
         super().__init__()
         self.depthwise = nn.Sequential(nn.ReplicationPad2d(1), nn.Conv2d(c, c, kernel_size=3, groups=c))
-        self.channelwise = nn.Sequential(nn.Linear(c, c_hidden), nn.GELU(), nn.Linear(c_hidden, c))
+        self.channelwise = MLP(Linear(c, c_hidden), nn.GELU(), Linear(c_hidden, c))
         self.gammas = nn.Parameter(torch.zeros(6))
 
     def forward(self, x: Tensor) -> Tensor:

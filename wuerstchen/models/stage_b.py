@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .blocks import AttnBlock, ChannelNorm, ResBlockStageB, TimestepBlock, r_embedding, to_channels_last
+from .onednn import Linear
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ class StageB(nn.Module):
         cfg = config
         levels = len(cfg.c_hidden)
         dropout = cfg.dropout if isinstance(cfg.dropout, tuple) else (cfg.dropout,) * levels
-        self.clip_mapper = nn.Linear(cfg.clip_embd, cfg.c_cond)
+        self.clip_mapper = Linear(cfg.clip_embd, cfg.c_cond)
         inject = list(cfg.inject_effnet) + list(reversed(cfg.inject_effnet))
         self.effnet_mappers = nn.ModuleList(
             [nn.Conv2d(cfg.effnet_embd, cfg.c_cond, kernel_size=1) if i else None for i in inject]

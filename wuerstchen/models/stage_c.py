@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from .blocks import AttnBlock, ChannelNorm, ResBlock, TimestepBlock, r_embedding, to_channels_last
+from .onednn import Linear
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,7 @@ class StageC(nn.Module):
         self.config = config
         c = config.c
         self.projection = nn.Conv2d(config.c_in, c, kernel_size=1)
-        self.cond_mapper = nn.Sequential(nn.Linear(config.c_cond, c), nn.LeakyReLU(0.2), nn.Linear(c, c))
+        self.cond_mapper = nn.Sequential(Linear(config.c_cond, c), nn.LeakyReLU(0.2), Linear(c, c))
         self.blocks = nn.ModuleList()
         for _ in range(config.depth):
             self.blocks.append(ResBlock(c, dropout=config.dropout))
