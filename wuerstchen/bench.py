@@ -108,17 +108,19 @@ def count_flops(impl: str, pipe: Any, size: int, prior_times: list[float], decod
     per_k = []
     if impl == "ours":  # the counter does not see oneDNN's ops; F.linear does the same arithmetic
         packed, pipe.packed_stages = pipe.packed_stages, ()
-    for k in (1, 2):
-        times = [1.0 - i / k for i in range(k + 1)]
-        runners = stage_runners(impl, pipe, size, times, k)
-        flops, x, g = [], None, torch.Generator().manual_seed(0)
-        for run in runners:
-            with FlopCounterMode(display=False) as counter:
-                x = run(x, g)
-            flops.append(float(counter.get_total_flops()))
-        per_k.append(flops)
-    if impl == "ours":
-        pipe.packed_stages = packed
+    try:
+        for k in (1, 2):
+            times = [1.0 - i / k for i in range(k + 1)]
+            runners = stage_runners(impl, pipe, size, times, k)
+            flops, x, g = [], None, torch.Generator().manual_seed(0)
+            for run in runners:
+                with FlopCounterMode(display=False) as counter:
+                    x = run(x, g)
+                flops.append(float(counter.get_total_flops()))
+            per_k.append(flops)
+    finally:
+        if impl == "ours":
+            pipe.packed_stages = packed
     steps = [len(prior_times) - 1, decoder_steps, 1]
     return [f1 + (n - 1) * (f2 - f1) if i < 2 else f1 for i, (f1, f2, n) in enumerate(zip(*per_k, steps, strict=True))]
 
