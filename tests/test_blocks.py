@@ -69,3 +69,41 @@ def test_prior_copies_equal_a_repeated_batch():
         plain = prior(torch.cat([x, x]), torch.cat([r, r]), kv=kv)
     assert shared.shape == plain.shape == (4, 16, 3, 3)
     assert (shared - plain).abs().max() <= 1e-5 * plain.abs().max()
+
+
+@pytest.mark.parametrize("shape", [(2, 24, 37, 29), (1, 24, 5, 1), (1, 24, 1, 7)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_vqgan_block_inference_path_matches_the_training_path(shape, channels_last):
+    """Stage A's lean inference block (norms in bands of rows, written into its own replicate-padded
+    buffer) gives the same numbers as the plain pass, with bands that do not divide the height."""
+    from wuerstchen.models.stage_a import MixingResidualBlock
+
+    torch.manual_seed(0)
+    block = MixingResidualBlock(24, 96)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    block.band_elements = 96 * shape[0] * shape[3] * 5  # 5 rows a band
+    x = torch.randn(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    plain = block(x)  # autograd on: the training path
+    with torch.no_grad():
+        lean = block(x)
+    assert (lean - plain).abs().max() <= 1e-6 * plain.abs().max()
+
+
+@pytest.mark.parametrize("queries", [50, 600])
+def test_cpu_bfloat16_attention_matches_sdpa(queries):
+    """`attention` in bfloat16 on a CPU (matmuls and a softmax for few queries, torch's fused kernel
+    for many) against the fused kernel in float32."""
+    import torch.nn.functional as F
+
+    from wuerstchen.models.blocks import attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16) for n in (queries, 70, 70))
+    with torch.no_grad():
+        out = attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+    ref = F.scaled_dot_product_attention(q, k, v)
+    assert out.dtype == torch.bfloat16 and out.shape == ref.shape
+    assert (out.float() - ref).abs().max() <= 0.05 * ref.abs().max()
