@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -102,6 +103,19 @@ def run_once(runners: list[Callable], seed: int = 0) -> tuple[list[float], list[
 
 
 @torch.no_grad()
+def _attention_flops(query_shape, key_shape, value_shape, *args: Any, **kwargs: Any) -> int:
+    """QKᵀ and PV of an attention call: 2·B·H·N·M·(d + d_v)."""
+    *batch, n, d = query_shape
+    return 2 * math.prod(batch) * n * key_shape[-2] * (d + value_shape[-1])
+
+
+def _flop_counter() -> FlopCounterMode:
+    """torch's FLOP counter, also counting the CPU kernel of `scaled_dot_product_attention` (torch
+    counts its GPU kernels, not that one: attention would count as 0 FLOPs on a CPU)."""
+    cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    return FlopCounterMode(display=False, custom_mapping={cpu_attention: _attention_flops})
+
+
 def count_flops(impl: str, pipe: Any, size: int, prior_times: list[float], decoder_steps: int) -> list[float]:
     """FLOPs per stage for the full schedule: counted with 1 and 2 steps and extrapolated (the
     per-step work is constant; the difference separates it from the once-per-generation work)."""
@@ -114,7 +128,7 @@ def count_flops(impl: str, pipe: Any, size: int, prior_times: list[float], decod
             runners = stage_runners(impl, pipe, size, times, k)
             flops, x, g = [], None, torch.Generator().manual_seed(0)
             for run in runners:
-                with FlopCounterMode(display=False) as counter:
+                with _flop_counter() as counter:
                     x = run(x, g)
                 flops.append(float(counter.get_total_flops()))
             per_k.append(flops)
@@ -250,11 +264,11 @@ def paper_flops() -> tuple[float, float]:
         prior, decoder = StageC(STAGE_C_PRESETS["official-v2"]), StageB(STAGE_B_PRESETS["official-v2"])
         vqgan = StageA(STAGE_A_PRESETS["official-v2"])
         r = torch.full((2,), 0.5)
-        with FlopCounterMode(display=False) as c_prior:
+        with _flop_counter() as c_prior:
             prior(torch.zeros(2, 16, 24, 24), r, torch.zeros(2, 77, 1280))
-        with FlopCounterMode(display=False) as c_decoder:
+        with _flop_counter() as c_decoder:
             decoder(torch.zeros(1, 4, 256, 256), r[:1], torch.zeros(1, 16, 24, 24), torch.zeros(1, 77, 1024))
-        with FlopCounterMode(display=False) as c_vqgan:
+        with _flop_counter() as c_vqgan:
             vqgan.decode(torch.zeros(1, 4, 256, 256))
     steps = len(DEFAULT_STAGE_C_TIMESTEPS) - 1
     wuerstchen = steps * c_prior.get_total_flops() + 12 * c_decoder.get_total_flops() + c_vqgan.get_total_flops()
@@ -277,7 +291,7 @@ def sdxl_unet_flops() -> float:
     with torch.device("meta"):
         unet = UNet2DConditionModel(**config)
         cond = {"text_embeds": torch.zeros(2, 1280), "time_ids": torch.zeros(2, 6)}
-        with FlopCounterMode(display=False) as counter:
+        with _flop_counter() as counter:
             unet(
                 torch.zeros(2, 4, 128, 128), torch.tensor([500, 500]), torch.zeros(2, 77, 2048), added_cond_kwargs=cond
             )
