@@ -102,7 +102,6 @@ def run_once(runners: list[Callable], seed: int = 0) -> tuple[list[float], list[
     return seconds, outputs
 
 
-@torch.no_grad()
 def _attention_flops(query_shape, key_shape, value_shape, *args: Any, **kwargs: Any) -> int:
     """QKᵀ and PV of an attention call: 2·B·H·N·M·(d + d_v)."""
     *batch, n, d = query_shape
@@ -116,6 +115,7 @@ def _flop_counter() -> FlopCounterMode:
     return FlopCounterMode(display=False, custom_mapping={cpu_attention: _attention_flops})
 
 
+@torch.no_grad()
 def count_flops(impl: str, pipe: Any, size: int, prior_times: list[float], decoder_steps: int) -> list[float]:
     """FLOPs per stage for the full schedule: counted with 1 and 2 steps and extrapolated (the
     per-step work is constant; the difference separates it from the once-per-generation work)."""
