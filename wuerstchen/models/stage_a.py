@@ -47,7 +47,7 @@ class MixingResidualBlock(nn.Module):
     """Depthwise-conv and MLP residuals, each with a learnt pre-norm scale/shift and output gain
     (6 gammas, zero at init so the block starts as identity)."""
 
-    band_elements = 1 << 22  # at inference, the MLP's hidden activation is at most this large (16 MB in fp32)
+    band_elements = 1 << 20  # at inference, the MLP's hidden activation is at most this large (4 MB in fp32)
 
     def __init__(self, c: int, c_hidden: int) -> None:
         super().__init__()
@@ -67,36 +67,35 @@ class MixingResidualBlock(nn.Module):
 
     def _forward_lean(self, x: Tensor) -> Tensor:
         """`forward` at inference, the same arithmetic with fewer full-size tensors alive: the
-        decoder's last blocks run at full resolution and set the pipeline's peak memory. Both
-        pre-norms run on bands of rows: the first writes, scaled and shifted, straight into the
-        replicate-padded buffer the depthwise conv reads (no separate norm and pad copies); the
-        second feeds the MLP, whose 4×-wide hidden activation (and its GELU: 2 × 805 MB for a 1024²
-        image with the official VQGAN) exists one band at a time. The residuals are added into
-        tensors this block made itself (never into the caller's `x`). Peak: about three
-        activations of the block's size, against five for `forward`."""
+        decoder's last blocks run at full resolution and set the pipeline's peak memory. Everything
+        runs on bands of rows, into one new output tensor: the first pre-norm of a band and its
+        halo rows is written, scaled and shifted, into a replicate-padded band the depthwise conv
+        reads, whose result plus `x` fills the band of the output; then the second pre-norm and the
+        MLP, whose 4×-wide hidden activation (and its GELU: 2 × 805 MB for a 1024² image with the
+        official VQGAN) exists one band at a time, add into it. Besides `x` and the output, only
+        band-sized tensors are alive (`forward` holds five full-size ones)."""
         g = self.gammas
         b, c, height, width = x.shape
         rows = max(1, self.band_elements // (b * width * self.channelwise[0].out_features))
         bands = [(top, min(top + rows, height)) for top in range(0, height, rows)]
         x_nhwc = x.permute(0, 2, 3, 1)
-        padded = x.new_empty((b, height + 2, width + 2, c))  # NHWC storage
+        out = x.new_empty((b, height, width, c))  # NHWC storage, returned as a channels-last NCHW view
         for top, stop in bands:
-            h = F.layer_norm(x_nhwc[:, top:stop], (c,), eps=1e-6)
-            padded[:, 1 + top : 1 + stop, 1:-1] = h.mul_(1 + g[0]).add_(g[1])
-        del h
-        padded[:, 0] = padded[:, 1]  # replicate the edge rows, then the edge columns (corners too)
-        padded[:, -1] = padded[:, -2]
-        padded[:, :, 0] = padded[:, :, 1]
-        padded[:, :, -1] = padded[:, :, -2]
-        d = self.depthwise[1](padded.permute(0, 3, 1, 2))
-        del padded
-        x = d.mul_(g[2]).add_(x)
-        out = x.permute(0, 2, 3, 1)  # NHWC view of x
+            lo, hi = max(top - 1, 0), min(stop + 1, height)
+            h = F.layer_norm(x_nhwc[:, lo:hi], (c,), eps=1e-6).mul_(1 + g[0]).add_(g[1])
+            halo = torch.arange(top - 1, stop + 1).clamp_(0, height - 1) - lo  # edge rows replicated
+            padded = x.new_empty((b, stop - top + 2, width + 2, c))
+            padded[:, :, 1:-1] = h[:, halo]
+            padded[:, :, 0] = padded[:, :, 1]  # and the edge columns
+            padded[:, :, -1] = padded[:, :, -2]
+            d = self.depthwise[1](padded.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            out[:, top:stop] = d.mul_(g[2]).add_(x_nhwc[:, top:stop])
+        del h, padded, d
         for top, stop in bands:
             band = out[:, top:stop]
             h = F.layer_norm(band, (c,), eps=1e-6).mul_(1 + g[3]).add_(g[4])
             band.add_(self.channelwise(h).mul_(g[5]))
-        return x
+        return out.permute(0, 3, 1, 2)
 
 
 class VectorQuantizer(nn.Module):
