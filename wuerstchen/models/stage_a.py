@@ -83,7 +83,7 @@ class MixingResidualBlock(nn.Module):
         for top, stop in bands:
             lo, hi = max(top - 1, 0), min(stop + 1, height)
             h = F.layer_norm(x_nhwc[:, lo:hi], (c,), eps=1e-6).mul_(1 + g[0]).add_(g[1])
-            halo = torch.arange(top - 1, stop + 1).clamp_(0, height - 1) - lo  # edge rows replicated
+            halo = torch.arange(top - 1, stop + 1, device=x.device).clamp_(0, height - 1) - lo  # edges replicated
             padded = x.new_empty((b, stop - top + 2, width + 2, c))
             padded[:, :, 1:-1] = h[:, halo]
             padded[:, :, 0] = padded[:, :, 1]  # and the edge columns
