@@ -224,6 +224,7 @@ def test_cli_help_and_mistakes(tmp_path: Path, capsys) -> None:
         (["--settings", '{"resolution_multiplier": 16}'], "--settings: unknown key(s) ['resolution_multiplier']"),
         (["--settings", "16"], "--settings must be a JSON object"),
         (["--loss-weighting", "snr"], "--loss-weighting must be p2 or uniform"),
+        (["--x0-weight", "-1"], "--x0-weight must be in [0, 100]"),
     ):
         with pytest.raises(SystemExit) as exit_info:
             main(["train", "c", "--output-dir", str(tmp_path / "run"), *args])
@@ -241,6 +242,67 @@ def test_loss_weighting() -> None:
     assert torch.allclose(diffusion_loss(pred, noise, t, "uniform"), per_sample.mean())
     assert torch.allclose(diffusion_loss(pred, noise, t), (per_sample * p2_weight(t)).mean())
     assert p2_weight(t)[0] < 0.1 < 0.9 < p2_weight(t)[-1]  # little weight on low noise, nearly 1 at t = 1
+
+    # The x0 term is the squared error of the x0 estimate that ε̂ implies, per sample.
+    from wuerstchen.sampling import add_noise, alpha_cumprod
+
+    x0 = torch.randn(4, 3, 5, 5, generator=g)
+    x_t = add_noise(x0, noise, t)
+    ab = alpha_cumprod(t).view(-1, 1, 1, 1)
+    x0_hat = (x_t - (1 - ab).sqrt() * pred) / ab.sqrt()
+    x0_error = (x0_hat - x0).pow(2).flatten(1).mean(1).mean()
+    extra = diffusion_loss(pred, noise, t, "uniform", x0_weight=0.5) - diffusion_loss(pred, noise, t, "uniform")
+    assert torch.allclose(extra, 0.5 * x0_error, rtol=1e-4)
+
+
+def _x0_error_at_t1(x0_weight: float, steps: int = 300) -> tuple[float, float]:
+    """Train a tiny prior whose latents are +1 or −1 everywhere, as a one-hot in the text says, on
+    the usual training times; return its x0 error at t = 1 under the right and the wrong text."""
+    from wuerstchen.models.stage_c import StageC, StageCConfig
+    from wuerstchen.sampling import add_noise, alpha_cumprod
+    from wuerstchen.train.stages import PriorLoss, _official_init, sample_t
+
+    torch.manual_seed(0)
+    cfg = StageCConfig(c_in=4, c=32, c_cond=8, c_r=16, depth=2, nhead=2, dropout=0.0)
+    loss_fn = PriorLoss(_official_init(StageC(cfg)), "p2", x0_weight)
+    opt = torch.optim.AdamW(loss_fn.parameters(), lr=2e-3)
+
+    def batch(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        k = torch.randint(2, (n,), generator=g)
+        x0 = (1 - 2 * k.float()).view(n, 1, 1, 1).expand(n, 4, 4, 4) + 0.1 * torch.randn(n, 4, 4, 4, generator=g)
+        text = torch.zeros(n, 3, 8)
+        text[torch.arange(n), 0, k] = 4.0
+        return x0, text, k
+
+    g = torch.Generator().manual_seed(0)
+    for _ in range(steps):
+        x0, text, _ = batch(32, g)
+        loss, _ = loss_fn(x0, torch.randn(x0.shape, generator=g), sample_t(32, g), text)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    x0, text, k = batch(128, torch.Generator().manual_seed(1))
+    wrong = torch.zeros_like(text)
+    wrong[torch.arange(128), 0, 1 - k] = 4.0
+    t = torch.ones(128)
+    x_t = add_noise(x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(2)), t)
+    ab = alpha_cumprod(t).view(-1, 1, 1, 1)
+    with torch.no_grad():
+        right_error, wrong_error = (
+            ((x_t - (1 - ab).sqrt() * loss_fn.model(x_t, t, c)) / ab.sqrt() - x0).pow(2).mean().item()
+            for c in (text, wrong)
+        )
+    return right_error, wrong_error
+
+
+def test_x0_weight_lets_the_text_set_the_latent_at_full_noise() -> None:
+    """At t = 1 the noisy latent says nothing about x0, so E[x0 | text] is all a prior can know; the
+    ε loss weighs that by ᾱ/(1 − ᾱ) ≈ 1e-4 and the prior never learns it, the x0 term does.
+    (The mean x0 is ±1 as the text says: the best error is ~0.01 with the right text, ~4 wrong.)"""
+    right, wrong = _x0_error_at_t1(0.1)
+    assert right < 1.0 and wrong > 3.0, (right, wrong)
+    right_p2, _ = _x0_error_at_t1(0.0)
+    assert right_p2 > 5.0, right_p2
 
 
 def test_semantic_reconstruction_head(tmp_path: Path, tiny_folder: Path, capsys) -> None:

@@ -163,7 +163,7 @@ MATMUL_ATTENTION_MAX_QUERIES = 512
 
 def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
     """`scaled_dot_product_attention` of (B, heads, N, d) tensors, except in bfloat16 on a CPU at
-    inference for at most `MATMUL_ATTENTION_MAX_QUERIES` queries: there two matmuls (AMX) with a
+    inference for at most `MATMUL_ATTENTION_MAX_QUERIES` queries: there two bf16 matmuls with a
     softmax between them beat torch's fused kernel, 1.3–1.55× at 144–256 queries on 2 cores (the
     medium prior's and the decoder's deeper levels), while from ~600 queries on the fused kernel is
     faster. The scores are rounded to bfloat16 before the softmax (torch has no CPU matmul with a

@@ -81,7 +81,7 @@ CLIP_STEPS = 2000
 CLIP_TWINS = 1.0
 TRAINS = {"a": "a", "b": "b", "c": "c"}
 
-# bf16 autocast: 1.4-1.6× faster steps on this project's CPUs (AMX), and the GPU default anyway.
+# bf16 autocast: 1.4-1.6× faster steps on this project's CPUs (AVX-512 BF16), and the GPU default anyway.
 COMMON = {
     "image_size": SIZE, "num_workers": 0, "log_every": 25, "progress": False, "keep_checkpoints": 2, "bf16": True,
 }  # fmt: skip

@@ -159,6 +159,11 @@ class StageCTrainConfig(DiffusionTrainConfig):
     output_dir: str = opt("runs/stage-c", "folder for checkpoints, metrics, samples and the exported model")
     cache: str | None = opt(None, "safetensors cache of text states + semantic latents (built first if missing)")
     cache_dtype: str = opt("float32", "dtype of a new cache: float32 or bfloat16 (half the size)")
+    x0_weight: float = opt(
+        0.0,
+        "add this times the x0 error to the ε loss; > 0 (e.g. 0.1) makes the layout follow the text "
+        "(near t = 1 the ε loss barely sees it). 0: the official loss",
+    )
 
     stage = "c"
 
@@ -173,6 +178,8 @@ class StageCTrainConfig(DiffusionTrainConfig):
             raise ValueError("--cache stores one crop per image: it cannot be used with --random-crop or --flip")
         if self.cache_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"--cache-dtype must be float32 or bfloat16, got {self.cache_dtype!r}")
+        if not 0 <= self.x0_weight <= 100:
+            raise ValueError(f"--x0-weight must be in [0, 100], got {self.x0_weight}")
 
 
 @dataclass(frozen=True)

@@ -59,13 +59,20 @@ def p2_weight(t: Tensor) -> Tensor:
     return 1 / (1 + ab / (1 - ab))
 
 
-def diffusion_loss(pred: Tensor, noise: Tensor, t: Tensor, weighting: str = "p2") -> Tensor:
+def diffusion_loss(pred: Tensor, noise: Tensor, t: Tensor, weighting: str = "p2", x0_weight: float = 0.0) -> Tensor:
     """Mean over the batch of each sample's mean squared ε error (in float32), p2-weighted (the
-    official loss) or, with `weighting="uniform"`, not weighted."""
+    official loss) or, with `weighting="uniform"`, not weighted; plus `x0_weight` times the
+    squared error of the x0 estimate that ε implies, ‖x̂0 − x0‖² = ‖ε̂ − ε‖²·(1 − ᾱ)/ᾱ.
+
+    The x0 term is what lets a prior make the layout depend on the text: near t = 1 the noisy
+    latent says nothing about x0, so that is where E[x0 | text] has to be learnt, and there the ε
+    loss weighs an x0 error by ᾱ/(1 − ᾱ) ≈ 1e-4 (at t = 1), which a small prior never picks up."""
     per_sample = (pred.float() - noise.float()).pow(2).flatten(1).mean(dim=1)
-    if weighting == "p2":
-        per_sample = per_sample * p2_weight(t)
-    return per_sample.mean()
+    weight = p2_weight(t) if weighting == "p2" else torch.ones_like(per_sample)
+    if x0_weight:
+        ab = alpha_cumprod(t)
+        weight = weight + x0_weight * (1 - ab) / ab
+    return (per_sample * weight).mean()
 
 
 # ----------------------------------------------------------------------------- loss modules
@@ -74,14 +81,15 @@ def diffusion_loss(pred: Tensor, noise: Tensor, t: Tensor, weighting: str = "p2"
 class PriorLoss(nn.Module):
     """Stage C: x0 (B, 16, h, w) semantic latents, text (B, 77, c_cond)."""
 
-    def __init__(self, prior: StageC, weighting: str = "p2") -> None:
+    def __init__(self, prior: StageC, weighting: str = "p2", x0_weight: float = 0.0) -> None:
         super().__init__()
         self.model = prior
         self.weighting = weighting
+        self.x0_weight = x0_weight
 
     def forward(self, x0: Tensor, noise: Tensor, t: Tensor, text: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         pred = self.model(add_noise(x0, noise, t), t, text)
-        return diffusion_loss(pred, noise, t, self.weighting), {}
+        return diffusion_loss(pred, noise, t, self.weighting, self.x0_weight), {}
 
 
 class ReconstructionHead(nn.Module):
@@ -486,7 +494,7 @@ class StageCTask(Stage):
             self.semantic, self.semantic_shipped = None, False
         else:
             self.semantic, self.semantic_shipped = self.load_semantic()
-        self.module = PriorLoss(self.build_model(), cfg.loss_weighting).to(device)
+        self.module = PriorLoss(self.build_model(), cfg.loss_weighting, cfg.x0_weight).to(device)
         width = getattr(self.text_encoder.config, "hidden_size", None)
         if width is not None and width != self.model_config.c_cond:
             expected = self.model_config.c_cond
