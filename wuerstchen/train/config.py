@@ -161,8 +161,8 @@ class StageCTrainConfig(DiffusionTrainConfig):
     cache_dtype: str = opt("float32", "dtype of a new cache: float32 or bfloat16 (half the size)")
     x0_weight: float = opt(
         0.0,
-        "add this times the x0 error to the ε loss; > 0 (e.g. 0.1) makes the layout follow the text "
-        "(near t = 1 the ε loss barely sees it). 0: the official loss",
+        "add this times the x0 error to the ε loss (e.g. 0.1): a signal for E[x0 | text] near t = 1, "
+        "which the ε loss weighs ~1e-4 there (README: Why relations fail). 0: the official loss",
     )
 
     stage = "c"
