@@ -244,22 +244,27 @@ def test_loss_weighting() -> None:
     assert p2_weight(t)[0] < 0.1 < 0.9 < p2_weight(t)[-1]  # little weight on low noise, nearly 1 at t = 1
 
     # The x0 term is the squared error of the x0 estimate that ε̂ implies, per sample.
-    from wuerstchen.sampling import add_noise, alpha_cumprod
+    from wuerstchen.sampling import add_noise
 
     x0 = torch.randn(4, 3, 5, 5, generator=g)
-    x_t = add_noise(x0, noise, t)
-    ab = alpha_cumprod(t).view(-1, 1, 1, 1)
-    x0_hat = (x_t - (1 - ab).sqrt() * pred) / ab.sqrt()
-    x0_error = (x0_hat - x0).pow(2).flatten(1).mean(1).mean()
+    x0_error = (_x0_estimate(add_noise(x0, noise, t), pred, t) - x0).pow(2).flatten(1).mean(1).mean()
     extra = diffusion_loss(pred, noise, t, "uniform", x0_weight=0.5) - diffusion_loss(pred, noise, t, "uniform")
     assert torch.allclose(extra, 0.5 * x0_error, rtol=1e-4)
+
+
+def _x0_estimate(x_t: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The x0 that a noise estimate implies: (x_t − √(1 − ᾱ)·ε̂) / √ᾱ."""
+    from wuerstchen.sampling import alpha_cumprod
+
+    ab = alpha_cumprod(t).view(-1, *[1] * (x_t.dim() - 1))
+    return (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
 
 
 def _x0_error_at_t1(x0_weight: float, steps: int = 300) -> tuple[float, float]:
     """Train a tiny prior whose latents are +1 or −1 everywhere, as a one-hot in the text says, on
     the usual training times; return its x0 error at t = 1 under the right and the wrong text."""
     from wuerstchen.models.stage_c import StageC, StageCConfig
-    from wuerstchen.sampling import add_noise, alpha_cumprod
+    from wuerstchen.sampling import add_noise
     from wuerstchen.train.stages import PriorLoss, _official_init, sample_t
 
     torch.manual_seed(0)
@@ -286,11 +291,9 @@ def _x0_error_at_t1(x0_weight: float, steps: int = 300) -> tuple[float, float]:
     wrong[torch.arange(128), 0, 1 - k] = 4.0
     t = torch.ones(128)
     x_t = add_noise(x0, torch.randn(x0.shape, generator=torch.Generator().manual_seed(2)), t)
-    ab = alpha_cumprod(t).view(-1, 1, 1, 1)
     with torch.no_grad():
         right_error, wrong_error = (
-            ((x_t - (1 - ab).sqrt() * loss_fn.model(x_t, t, c)) / ab.sqrt() - x0).pow(2).mean().item()
-            for c in (text, wrong)
+            (_x0_estimate(x_t, loss_fn.model(x_t, t, c), t) - x0).pow(2).mean().item() for c in (text, wrong)
         )
     return right_error, wrong_error
 
