@@ -66,11 +66,35 @@ def test_generate_and_from_png_make_the_same_image(tiny_folder: Path, tmp_path: 
         assert json.loads(im.text["wuerstchen"]) == params
 
 
+def test_a_second_run_keeps_the_first_runs_images(tiny_folder: Path, tmp_path: Path) -> None:
+    # The same command twice into one folder: numbering continues after the highest file number
+    # (as AUTOMATIC1111's does), so the first run's PNGs stay byte for byte.
+    argv = ["generate", "a red circle", "-n", "2", "--seed", "1", "--output-dir", str(tmp_path), "--quiet",
+            "--prior-steps", "2", "--decoder-steps", "2", "--model", str(tiny_folder)]  # fmt: skip
+    code, out, err = finish(wuerstchen(*argv))
+    assert code == 0, err
+    first = {p: p.read_bytes() for p in map(Path, out.splitlines())}
+    code, out, err = finish(wuerstchen(*argv))
+    assert code == 0, err
+    assert [Path(p).name for p in out.splitlines()] == ["00002-1.png", "00003-2.png"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["00000-1.png", "00001-2.png", "00002-1.png", "00003-2.png"]
+    assert all(p.read_bytes() == data for p, data in first.items())
+    # A pattern without {index} would replace a file: refused before the model loads.
+    code, _, err = finish(wuerstchen(*argv, "--pattern", "{seed}.png"))
+    assert code == 0, err
+    code, _, err = finish(wuerstchen(*argv, "--pattern", "{seed}.png"))
+    assert code == 2 and "1.png exists: put {index} in --pattern" in err, err
+
+
 def test_user_mistakes_are_one_line_and_exit_2(tiny_folder: Path, tmp_path: Path) -> None:
     mistakes = {
         "missing model": ("generate", "a cat", "--model", tmp_path / "no-such-model"),
         "height too small": ("generate", "a cat", "--model", tiny_folder, "--height", "64", "--quiet"),
         "no images": ("generate", "a cat", "-n", "0", "--model", tiny_folder),
+        "size off the step": ("generate", "a cat", "--model", tiny_folder, "--width", "200", "--quiet"),
+        "float16": ("generate", "a cat", "--model", tiny_folder, "--dtype", "float16"),
+        "bad pattern": ("generate", "a cat", "--model", tiny_folder, "--pattern", "{nope}.png"),
+        "resume without a run": ("train", "c", "--resume", "--output-dir", tmp_path / "no-run"),
     }
     with socket.socket() as busy:  # `serve` binds before it loads the model, so a busy port fails at once
         busy.bind(("127.0.0.1", 0))
@@ -84,6 +108,10 @@ def test_user_mistakes_are_one_line_and_exit_2(tiny_folder: Path, tmp_path: Path
         assert lines[0].startswith(f"wuerstchen {mistakes[name][0]}: error: "), lines[0]
     assert "no-such-model" in results["missing model"][2]
     assert "at least 128 px" in results["height too small"][2]
+    assert "not a multiple of 128 px: use 128 or 256" in results["size off the step"][2]
+    assert "float16 overflows" in results["float16"][2]
+    assert "{index}, {seed}, {prompt}" in results["bad pattern"][2]
+    assert "no run folder at" in results["resume without a run"][2]
     assert "cannot listen on 127.0.0.1" in results["busy port"][2]
 
 

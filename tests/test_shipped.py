@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from wuerstchen import DEFAULT_STAGE_C_TIMESTEPS, WuerstchenPipeline
-from wuerstchen.commands.common import shipped_model
+from wuerstchen import shipped_model
 from wuerstchen.shapes import eval_prompts
 from wuerstchen.shapes.evaluate import detect, score
 

@@ -1,6 +1,6 @@
 """Würstchen: a three-stage text-to-image cascade (prior → decoder → VQGAN).
 
-    from wuerstchen import DEFAULT_STAGE_C_TIMESTEPS, WuerstchenPipeline
+    from wuerstchen import DEFAULT_STAGE_C_TIMESTEPS, WuerstchenPipeline, shipped_model
 
 The names below are imported on first use, so `import wuerstchen` (and `wuerstchen --help`) does
 not pay for importing torch.
@@ -8,7 +8,13 @@ not pay for importing torch.
 
 from typing import Any
 
-__all__ = ["DEFAULT_STAGE_C_TIMESTEPS", "PipelineSettings", "WuerstchenPipeline", "WuerstchenPipelineOutput"]
+__all__ = [
+    "DEFAULT_STAGE_C_TIMESTEPS",
+    "PipelineSettings",
+    "WuerstchenPipeline",
+    "WuerstchenPipelineOutput",
+    "shipped_model",
+]
 __version__ = "0.1.0"
 
 _HOME = {
@@ -16,6 +22,7 @@ _HOME = {
     "PipelineSettings": "pipeline",
     "WuerstchenPipeline": "pipeline",
     "WuerstchenPipelineOutput": "pipeline",
+    "shipped_model": "assets",
 }
 
 

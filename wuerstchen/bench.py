@@ -36,6 +36,44 @@ from .sampling import DEFAULT_STAGE_C_TIMESTEPS
 
 PROMPT = "a red circle above a blue square"
 STAGES = ("prior", "decoder", "vqgan")
+# (M, K, N) of the medium config's largest matrix products: prior MLP in/out at 512² with CFG,
+# decoder level 1 MLP (4096 tokens, 384 → 1536).
+GEMM_SHAPES = ((288, 512, 2048), (288, 2048, 512), (4096, 384, 1536))
+
+
+def gemm_gflops(dtype: torch.dtype, shapes: tuple[tuple[int, int, int], ...] = GEMM_SHAPES, repeats: int = 5) -> float:
+    """Achieved GFLOP/s of `torch.matmul` in `dtype` at `shapes` (best of `repeats` per shape, the
+    shapes' FLOPs summed over their best times): what this CPU's matrix units give this dtype."""
+    g = torch.Generator().manual_seed(0)
+    flops = seconds = 0.0
+    for m, k, n in shapes:
+        a = torch.randn(m, k, generator=g).to(dtype)
+        b = torch.randn(k, n, generator=g).to(dtype)
+        a @ b  # warm-up: oneDNN picks and caches its kernel
+        best = math.inf
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        flops += 2 * m * k * n
+        seconds += best
+    return flops / seconds / 1e9
+
+
+def print_machine(threads: int) -> None:
+    """The lines that say what a figure below was measured on: CPU, its matrix-relevant flags, the
+    GEMM speed per dtype at the benchmark's shapes, and the dtype `auto` picks here."""
+    from .hardware import RELEVANT_FLAGS, auto_dtype, cpu_flags, cpu_name
+
+    flags = cpu_flags()
+    have = [f for f in RELEVANT_FLAGS if f in flags]
+    lacks = [f for f in RELEVANT_FLAGS if f not in flags]
+    print(f"# cpu: {cpu_name()}, {threads} threads; flags: {' '.join(have) or '-'}; lacks: {' '.join(lacks) or '-'}")
+    rates = {str(dt).removeprefix("torch."): gemm_gflops(dt) for dt in (torch.float32, torch.bfloat16)}
+    shapes = ", ".join("×".join(map(str, s)) for s in GEMM_SHAPES)
+    print(f"# GEMM ({shapes}): " + ", ".join(f"{k} {v:.0f} GFLOP/s" for k, v in rates.items())
+          + f" (bf16/fp32 {rates['bfloat16'] / rates['float32']:.2f}×); dtype auto → "
+          + str(auto_dtype("cpu")).removeprefix("torch."))  # fmt: skip
 
 
 def load_reference(folder: Path, dtype: torch.dtype = torch.float32):
@@ -366,7 +404,7 @@ def shipped_main(args: argparse.Namespace) -> int:
     and how far the bfloat16 images are from the float32 ones (PSNR, same seeds)."""
     import numpy as np
 
-    from .commands.common import shipped_model
+    from .assets import shipped_model
     from .shapes import eval_prompts
     from .shapes.evaluate import psnr
 
@@ -405,6 +443,8 @@ def main(args: argparse.Namespace) -> int:
     if args.child:
         child_main(args)
         return 0
+    torch.set_num_threads(args.threads)
+    print_machine(args.threads)
     if args.official:
         torch.set_num_threads(args.threads)
         return official_main(args)

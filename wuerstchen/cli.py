@@ -14,6 +14,8 @@ import importlib
 import logging
 import sys
 
+from .errors import UserError
+
 # name → (module under wuerstchen.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("generate", "generate images from text"),
@@ -25,8 +27,17 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-class UserError(Exception):
-    """A mistake in what the user asked for: reported as one line, exit code 2."""
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the commands' examples as written and shows each option's default, unless its help
+    already says it in words (or there is none: None, a flag that is off)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if default in (None, False, argparse.SUPPRESS) or "default" in text or not action.option_strings:
+            return text
+        shown = " ".join(map(str, default)) if isinstance(default, list | tuple) else default
+        return f"{text} (default: {str(shown).replace('%', '%%')})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
             name,
             help=help_text,
             description=(mod.__doc__ or help_text).strip(),
-            formatter_class=argparse.RawDescriptionHelpFormatter,
+            formatter_class=HelpFormatter,
         )
         mod.add_arguments(p)
         p.set_defaults(run=mod.run)

@@ -29,6 +29,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from .hardware import check_dtype
 from .models.onednn import packed_linears
 from .models.stage_a import StageA
 from .models.stage_b import StageB
@@ -189,6 +190,8 @@ class WuerstchenPipeline:
             device, dtype = None, device
         if device is not None:
             self._device = torch.device(device)
+        if dtype is not None:
+            check_dtype(dtype, self._device)
         for m in self.modules().values():
             m.to(device=None if self._offload else device, dtype=dtype)
         return self
@@ -306,11 +309,11 @@ class WuerstchenPipeline:
         return math.ceil(height / rm), math.ceil(width / rm)
 
     # ----------------------------------------------------------------------------- text
-    def _text(self, which: str, prompts: list[str], weighting: bool) -> Tensor:
+    def _text(self, which: str, prompts: list[str], weighting: bool, warn: bool = True) -> Tensor:
         tokenizer = self.prior_tokenizer if which == "prior" else self.tokenizer
         name = "prior_text_encoder" if which == "prior" else "text_encoder"
         with self._placed(name) as encoder:
-            return encode_prompts(tokenizer, encoder, prompts, self._device, weighting)
+            return encode_prompts(tokenizer, encoder, prompts, self._device, weighting, warn)
 
     def encode_prompt(
         self,
@@ -612,12 +615,14 @@ class WuerstchenPipeline:
         # each image of a prompt (diffusers' decoder multiplies a list of prompts twice here).
         n = num_images_per_prompt
         prompts = _as_list(prompt, "prompt") or [""] * (prior.image_embeddings.shape[0] // n)
+        # The prior's encoder has warned about these prompts already (unknown words, truncation).
+        warn = prompt_embeds is not None
         if decoder_prompt_embeds is None:
-            decoder_prompt_embeds = self._text("decoder", prompts, prompt_weighting)
+            decoder_prompt_embeds = self._text("decoder", prompts, prompt_weighting, warn)
         if decoder_guidance_scale > 1 and decoder_negative_prompt_embeds is None:
             negatives = _as_list(negative_prompt, "negative_prompt") or [""]
             negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
-            decoder_negative_prompt_embeds = self._text("decoder", negatives, prompt_weighting)
+            decoder_negative_prompt_embeds = self._text("decoder", negatives, prompt_weighting, warn)
         if decoder_negative_prompt_embeds is not None:
             decoder_negative_prompt_embeds = decoder_negative_prompt_embeds.repeat_interleave(n, dim=0)
         out = self.decode(

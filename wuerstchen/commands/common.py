@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import TYPE_CHECKING
+
+from ..errors import UserError
 
 # torch is imported inside the functions: building the parser (`--help`) should not pay for it.
 if TYPE_CHECKING:
@@ -12,39 +13,29 @@ if TYPE_CHECKING:
 
     from ..pipeline import WuerstchenPipeline
 
-DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-          "float16": "float16", "fp16": "float16"}  # fmt: skip
 
+def parse_dtype(name: str, device: str | None = None) -> torch.dtype:
+    """`--dtype` → a torch dtype for `device`; float16 is refused (it overflows with Würstchen)."""
+    from ..hardware import FLOAT16_MESSAGE, resolve_dtype
 
-def parse_dtype(name: str) -> torch.dtype:
-    import torch
-
+    if name.lower() in ("float16", "fp16", "half"):
+        raise UserError(f"--dtype {name}: {FLOAT16_MESSAGE}")
     try:
-        return getattr(torch, DTYPES[name.lower()])
-    except KeyError:
-        raise ValueError(f"unknown dtype {name!r}: use float32 or bfloat16") from None
-
-
-def shipped_model() -> Path:
-    """The small model that ships inside the package (trained by our recipe)."""
-    return Path(__file__).resolve().parent.parent / "assets" / "small"
-
-
-def default_device() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+        return resolve_dtype(name, device)
+    except (TypeError, ValueError) as e:
+        raise UserError(str(e)) from None
 
 
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="pipeline folder or hub id (default: the shipped small model)")
     g.add_argument("--prior", default=None, help="prior folder or hub id, when --model is a decoder-only folder")
-    g.add_argument("--dtype", default="float32", help="float32 or bfloat16 (float16 overflows with Würstchen)")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bfloat16 where the device computes it natively: CUDA, CPUs with AVX512_BF16 or AMX; "
+        "else float32), float32 or bfloat16",
+    )
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
     g.add_argument(
         "--offload",
@@ -60,18 +51,22 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def load_from_args(args: argparse.Namespace) -> WuerstchenPipeline:
+    from ..assets import shipped_model
+    from ..hardware import default_device
     from ..pipeline import WuerstchenPipeline
 
     model = args.model
     if model is None:
         model = shipped_model()
         if not (model / "model_index.json").exists():
-            raise FileNotFoundError(
+            raise UserError(
                 "no model given and the shipped small model is not installed: pass --model FOLDER_OR_HUB_ID "
-                "(e.g. a folder made by `python scripts/make_random_model.py demo-model`)"
+                "(e.g. a folder made by `python scripts/make_random_model.py random-model`)"
             )
-    device = args.device or default_device()
-    pipe = WuerstchenPipeline.from_pretrained(model, prior=args.prior, torch_dtype=parse_dtype(args.dtype))
+    device = args.device or str(default_device())
+    dtype = parse_dtype(args.dtype, device)
+    args.resolved_dtype = str(dtype).removeprefix("torch.")  # for the PNG metadata and the logs
+    pipe = WuerstchenPipeline.from_pretrained(model, prior=args.prior, torch_dtype=dtype)
     if args.offload == "model":
         pipe.enable_model_cpu_offload(device)
     elif args.offload == "sequential":

@@ -44,7 +44,37 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError("--prior-steps must be at least 1")
 
 
-def generate(pipe, prompts: list[str], args: argparse.Namespace, seed: int) -> list:
+class Progress:
+    """Images done out of all, with the ETA: a tqdm bar on a terminal, else a plain line per batch
+    on stderr (a log file gets no carriage returns)."""
+
+    def __init__(self, total: int) -> None:
+        import sys
+        import time
+
+        from tqdm import tqdm
+
+        self.total, self.done, self.start, self.time = total, 0, time.perf_counter(), time.perf_counter
+        self.bar = tqdm(total=total, desc="eval", unit="img") if sys.stderr.isatty() else None
+        self.stderr = sys.stderr
+
+    def update(self, n: int, what: str) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.set_postfix_str(what, refresh=False)
+            self.bar.update(n)
+            return
+        spent = self.time() - self.start
+        eta = spent / self.done * (self.total - self.done)
+        print(f"eval: {self.done}/{self.total} images ({what}), {spent:.0f} s, ETA {eta:.0f} s", file=self.stderr,
+              flush=True)  # fmt: skip
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def generate(pipe, prompts: list[str], args: argparse.Namespace, seed: int, progress: Progress | None = None) -> list:
     from ..sampling import DEFAULT_STAGE_C_TIMESTEPS
     from ..sampling import timesteps as even_timesteps
 
@@ -52,14 +82,19 @@ def generate(pipe, prompts: list[str], args: argparse.Namespace, seed: int) -> l
     size = pipe.settings.default_size
     images = []
     for i in range(0, len(prompts), args.batch_size):
+        batch = prompts[i : i + args.batch_size]
         images += pipe(
-            prompts[i : i + args.batch_size], height=size, width=size, prior_timesteps=times,
+            batch, height=size, width=size, prior_timesteps=times,
             prior_guidance_scale=args.prior_guidance, num_inference_steps=args.decoder_steps, seed=seed + i,
         ).images  # fmt: skip
+        if progress is not None:
+            progress.update(len(batch), "generating")
     return images
 
 
-def reconstruction_psnr(pipe, n: int, seed: int, steps: int) -> dict[str, float | None]:
+def reconstruction_psnr(
+    pipe, n: int, seed: int, steps: int, progress: Progress | None = None
+) -> dict[str, float | None]:
     """Mean PSNR (dB) of Stage A's reconstruction (quantised) and of Stage B's decode of the semantic
     latent (the model's own compressor), on `n` renders of the held-out split; and how often Stage
     B's decode shows the render's objects (colour+shape, exact): the decoder's share of the errors,
@@ -91,6 +126,8 @@ def reconstruction_psnr(pipe, n: int, seed: int, steps: int) -> dict[str, float 
             decoded += pipe.decode(
                 effnet, prompt=list(captions[i : i + 16]), num_inference_steps=steps, seed=seed + i
             ).images
+            if progress is not None:
+                progress.update(len(effnet), "Stage B reconstructions")
         out["stage_b_psnr"] = _mean_psnr(renders, decoded, psnr)
         scores = evaluate(decoded, list(scenes))
         out["stage_b_colour_shape_acc"], out["stage_b_exact_acc"] = scores["colour_shape_acc"], scores["exact_acc"]
@@ -108,10 +145,12 @@ def evaluate_model(pipe, args: argparse.Namespace) -> dict[str, Any]:
 
     size = pipe.settings.default_size
     report: dict[str, Any] = {}
+    recon = args.recon_images if pipe.semantic is not None and pipe.decoder is not None else 0
+    progress = Progress(len(args.splits) * args.num_prompts + recon)
     for split in args.splits:
         pairs = eval_prompts(args.num_prompts, seed=args.seed, split=split)
         prompts = [p for p, _ in pairs]
-        images = generate(pipe, prompts, args, args.seed)
+        images = generate(pipe, prompts, args, args.seed, progress)
         if args.images_dir:
             folder = Path(args.images_dir) / split
             folder.mkdir(parents=True, exist_ok=True)
@@ -123,7 +162,8 @@ def evaluate_model(pipe, args: argparse.Namespace) -> dict[str, Any]:
             "real renders": evaluate([render(scene, size) for _, scene in pairs], pairs),
         }
     if args.recon_images:
-        report["reconstruction"] = reconstruction_psnr(pipe, args.recon_images, args.seed, args.decoder_steps)
+        report["reconstruction"] = reconstruction_psnr(pipe, args.recon_images, args.seed, args.decoder_steps, progress)
+    progress.close()
     return report
 
 

@@ -4,27 +4,22 @@
     wuerstchen generate --prompt-file prompts.txt --output-dir out/
     wuerstchen generate --from-png out/00000-7.png        # the same image again
 
-Image i of a run gets the seed `seed + i`; its PNG records that seed, so `--from-png` regenerates
-each image alone. The parameters are stored as PNG text chunks: `parameters` in AUTOMATIC1111's
-format and `wuerstchen` as JSON (what `--from-png` reads).
+Image i of a run gets the seed `seed + i`; its PNG records that seed (and the dtype), so
+`--from-png` regenerates each image alone. File numbers continue after the highest one already in
+the output folder, so a second run never replaces the first run's images. The parameters are
+stored as PNG text chunks: `parameters` in AUTOMATIC1111's format and `wuerstchen` as JSON (what
+`--from-png` reads).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import re
 from pathlib import Path
-from typing import Any
 
-from PIL import Image
-from PIL.PngImagePlugin import PngInfo
-from tqdm import tqdm
-
+from ..errors import UserError
 from .common import add_model_arguments, load_from_args
-
-METADATA_KEY = "wuerstchen"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -47,7 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pattern", default="{index:05d}-{seed}.png", help="file name pattern: {index}, {seed}, {prompt} (a slug)"
     )
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--quiet", action="store_true", help="no progress bars (they are off anyway when stderr is no terminal)"
+    )
     add_model_arguments(p)
 
 
@@ -61,59 +58,67 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     return prompts
 
 
-def read_png_parameters(path: str | Path) -> dict[str, Any]:
-    with Image.open(path) as im:
-        text = getattr(im, "text", {}) or {}
-    if METADATA_KEY not in text:
-        raise ValueError(f"{path} carries no wuerstchen parameters (was it written by `wuerstchen generate`?)")
-    return json.loads(text[METADATA_KEY])
-
-
-def a1111_parameters(p: dict[str, Any]) -> str:
-    """The `parameters` text A1111 and the tools around it read."""
-    lines = [p["prompt"]]
-    if p.get("negative_prompt"):
-        lines.append(f"Negative prompt: {p['negative_prompt']}")
-    steps = len(p["prior_timesteps"]) - 1
-    lines.append(
-        f"Steps: {steps}, Sampler: {p['sampler']}, CFG scale: {p['prior_guidance']}, Seed: {p['seed']}, "
-        f"Size: {p['width']}x{p['height']}, Model: {p['model']}, Decoder steps: {p['decoder_steps']}, "
-        f"Decoder CFG scale: {p['decoder_guidance']}"
-    )
-    return "\n".join(lines)
-
-
-def save_png(image: Image.Image, path: Path, params: dict[str, Any]) -> None:
-    info = PngInfo()
-    info.add_text("parameters", a1111_parameters(params))
-    info.add_text(METADATA_KEY, json.dumps(params))
-    from ..io.checkpoint import atomic_path
-
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info)
-
-
 def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:60] or "empty"
 
 
+def _check_size(value: int | None, name: str, step: int, default: int) -> int:
+    """The CLI refuses a size that is not a multiple of the model's step, as the HTTP API does
+    (the Python API snaps it down with a warning)."""
+    value = default if value is None else value
+    if value < step:
+        raise UserError(f"--{name} {value} is too small: this model needs at least {step} px (a multiple of {step})")
+    if value % step:
+        low = value - value % step
+        raise UserError(f"--{name} {value} is not a multiple of {step} px: use {low} or {low + step}")
+    return value
+
+
+def _paths(args: argparse.Namespace, jobs: list[dict], out_dir: Path) -> list[Path]:
+    """Every image's file, checked before the model loads: numbers continue after the folder's
+    highest, and no existing file is replaced."""
+    from ..io.png import next_index
+
+    first = next_index(out_dir)
+    paths = []
+    for i, job in enumerate(jobs):
+        try:
+            name = args.pattern.format(index=first + i, seed=job["seed"], prompt=_slug(job["prompt"]))
+        except (KeyError, IndexError, ValueError) as e:
+            raise UserError(
+                f"--pattern {args.pattern!r}: {e!r}; use the fields {{index}}, {{seed}}, {{prompt}}"
+            ) from None
+        path = out_dir / name
+        if path.parent != out_dir or not path.name.endswith(".png"):
+            raise UserError(f"--pattern {args.pattern!r} must name a .png file inside --output-dir")
+        if path.exists() or path in paths:
+            raise UserError(f"{path} exists: put {{index}} in --pattern (numbers continue after the folder's highest)")
+        paths.append(path)
+    return paths
+
+
 def run(args: argparse.Namespace) -> int:
+    from ..assets import SHIPPED_MODEL_NAME
     from ..sampling import DEFAULT_STAGE_C_TIMESTEPS
     from ..sampling import timesteps as even_timesteps
 
     if args.from_png:
+        from ..io.png import read_png_parameters
+
         saved = read_png_parameters(args.from_png)
         jobs = [saved]
-        if args.model is None:
-            args.model = saved.get("model")  # None: the shipped model
+        if args.model is None and saved.get("model") not in (None, SHIPPED_MODEL_NAME):
+            args.model = saved["model"]
+        if args.dtype == "auto" and saved.get("dtype"):
+            args.dtype = saved["dtype"]  # the precision the image was made in: the same pixels again
     else:
         for name in ("num_images", "decoder_steps"):
             if getattr(args, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+                raise UserError(f"--{name.replace('_', '-')} must be at least 1")
         seed = args.seed if args.seed is not None else random.randrange(2**31)
         times = DEFAULT_STAGE_C_TIMESTEPS if args.prior_steps is None else None
         if args.prior_steps is not None and args.prior_steps < 1:
-            raise ValueError("--prior-steps must be at least 1")
+            raise UserError("--prior-steps must be at least 1")
         jobs = []
         for prompt in _prompts(args):
             for _ in range(args.num_images):
@@ -132,9 +137,18 @@ def run(args: argparse.Namespace) -> int:
                         sampler=args.sampler,
                     )
                 )
-    pipe = load_from_args(args)
     out_dir = Path(args.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create --output-dir {out_dir}: {e.strerror}") from None
+    paths = _paths(args, jobs, out_dir)
+
+    from tqdm import tqdm
+
+    from ..io.png import save_png
+
+    pipe = load_from_args(args)
     bars: dict[str, tqdm] = {}
 
     def hook(stage: str, step: int, total: int, _latents) -> None:
@@ -144,11 +158,15 @@ def run(args: argparse.Namespace) -> int:
         if bar is None or bar.total != total or step == 1:
             if bar is not None:
                 bar.close()
-            bar = bars[stage] = tqdm(total=total, desc=stage, leave=False)
+            # disable=None: no bars when stderr is not a terminal (logs, pipes), only the printed paths
+            bar = bars[stage] = tqdm(total=total, desc=stage, leave=False, disable=None)
         bar.update(1)
 
-    for index, job in enumerate(jobs):
-        height, width = pipe.check_size(job["height"], job["width"])
+    step, native = pipe.size_step, pipe.settings.default_size
+    model_name = args.model if args.model is not None else SHIPPED_MODEL_NAME
+    for job, path in zip(jobs, paths, strict=True):
+        height = _check_size(job["height"], "height", step, native)
+        width = _check_size(job["width"], "width", step, native)
         times = job["prior_timesteps"] or even_timesteps(job["prior_steps"])
         image = pipe(
             job["prompt"],
@@ -163,10 +181,11 @@ def run(args: argparse.Namespace) -> int:
             sampler=job["sampler"],
             step_hook=hook,
         ).images[0]
-        params = dict(job, height=height, width=width, prior_timesteps=times, model=args.model)
-        path = out_dir / args.pattern.format(index=index, seed=job["seed"], prompt=_slug(job["prompt"]))
+        params = dict(
+            job, height=height, width=width, prior_timesteps=times, model=str(model_name), dtype=args.resolved_dtype
+        )
         save_png(image, path, params)
-        print(path)
+        print(path, flush=True)
     for bar in bars.values():
         bar.close()
     return 0

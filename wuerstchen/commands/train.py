@@ -18,6 +18,7 @@ import sys
 import typing
 from pathlib import Path
 
+from ..errors import UserError
 from ..train.config import CONFIGS, config_fields, load_config
 
 HELP = {
@@ -64,7 +65,10 @@ def run(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name) for f, _ in config_fields(cls) if hasattr(args, f.name)}
     path = args.config
     if path is None and args.resume:
-        saved = Path(overrides.get("output_dir", cls.__dataclass_fields__["output_dir"].default)) / "config.json"
+        run_dir = Path(overrides.get("output_dir", cls.__dataclass_fields__["output_dir"].default))
+        if not run_dir.is_dir():
+            raise UserError(f"--resume: no run folder at {run_dir}: pass the --output-dir of the run to continue")
+        saved = run_dir / "config.json"
         path = saved if saved.exists() else None
     cfg = load_config(args.stage, path, overrides)
     result = train(cfg, resume=args.resume)

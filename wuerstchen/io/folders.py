@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..hardware import resolve_dtype
 from ..models.stage_a import StageA
 from ..models.stage_b import StageB
 from ..models.stage_c import StageC
@@ -33,8 +34,27 @@ OFFICIAL_PRIOR = {"warp-ai/wuerstchen": "warp-ai/wuerstchen-prior"}
 
 
 def _looks_like_hub_id(name: str) -> bool:
+    """`owner/name`, and not a path someone meant locally: `./x`, `/x`, `~/x`, or `runs/x` where
+    `runs/` exists here."""
     parts = name.split("/")
-    return len(parts) == 2 and all(parts) and not name.startswith((".", "/", "~"))
+    if len(parts) != 2 or not all(parts) or "\\" in name or name.startswith((".", "/", "~")):
+        return False
+    return not Path(parts[0]).is_dir()
+
+
+def download_advice(name: str) -> str:
+    """The command that the installed huggingface_hub provides to fetch `name`, into a folder that
+    does not shadow the `wuerstchen` package (a `./wuerstchen` folder would, for scripts run there)."""
+    import huggingface_hub
+
+    major, minor = (int(x) for x in huggingface_hub.__version__.split(".")[:2])
+    cli = "hf download" if (major, minor) >= (0, 34) else "huggingface-cli download"
+    repos = [name] + ([OFFICIAL_PRIOR[name]] if name in OFFICIAL_PRIOR else [])
+    steps = " && ".join(f"{cli} {r} --local-dir models/{r.split('/')[1]}" for r in repos)
+    folders = f"models/{repos[0].split('/')[1]}"
+    if len(repos) > 1:
+        folders += f" (and models/{repos[1].split('/')[1]} as the prior: --prior, or prior=)"
+    return f"on a machine with a network run `{steps}` and pass {folders} instead"
 
 
 def resolve_folder(path_or_id: str | Path) -> Path:
@@ -46,30 +66,49 @@ def resolve_folder(path_or_id: str | Path) -> Path:
         raise NotADirectoryError(f"{path} is a file; expected a model folder (or `wuerstchen convert` it first)")
     name = str(path_or_id)
     if not _looks_like_hub_id(name):
-        raise FileNotFoundError(f"no model folder at {name}")
+        raise FileNotFoundError(f"no model folder at {name} (a hub id has the form owner/name)")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
     except Exception as e:  # offline, unknown repo, network error: one actionable message
         raise OSError(
-            f"cannot get {name} from the Hugging Face hub ({type(e).__name__}). On a machine with a network run "
-            f"`huggingface-cli download {name} --local-dir ./{name.split('/')[1]}` and pass that folder instead"
+            f"cannot get {name} from the Hugging Face hub ({type(e).__name__}) and there is no folder {name} here: "
+            + download_advice(name)
         ) from e
 
 
-def _text_encoder(folder: Path, class_name: str | None, dtype: torch.dtype | None):
+# The transformers classes a folder may name (model_index.json, tokenizer_config.json): never a
+# class looked up by an arbitrary name from a file, never code from the folder (`auto_map`).
+TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast", "PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def _allowed(name: str | None, allowed: tuple[str, ...], default: str, what: str, folder: Path) -> str:
+    name = name or default
+    if name not in allowed:
+        raise ValueError(f"{folder}: {what} class {name!r} is not supported (one of: {', '.join(allowed)})")
+    return name
+
+
+def load_text_encoder(folder: Path, class_name: str | None, dtype: torch.dtype | None):
     import transformers
 
-    cls = getattr(transformers, class_name or "CLIPTextModel", transformers.CLIPTextModel)
-    return cls.from_pretrained(folder, dtype=dtype).eval().requires_grad_(False)
+    name = _allowed(class_name, TEXT_ENCODER_CLASSES, "CLIPTextModel", "text encoder", folder)
+    model = getattr(transformers, name).from_pretrained(folder, dtype=dtype, trust_remote_code=False)
+    return model.eval().requires_grad_(False)
 
 
-def _tokenizer(folder: Path, class_name: str | None):
+def load_tokenizer(folder: Path, class_name: str | None):
+    """The tokenizer class itself, not AutoTokenizer: the same result without importing transformers'
+    auto machinery (about a second of a CLI start) and without honouring a config's `auto_map`."""
     import transformers
 
-    cls = getattr(transformers, class_name or "AutoTokenizer", transformers.AutoTokenizer)
-    return cls.from_pretrained(folder)
+    if class_name is None:
+        config = folder / "tokenizer_config.json"
+        class_name = read_json(config).get("tokenizer_class") if config.is_file() else None
+    name = _allowed(class_name, TOKENIZER_CLASSES, "CLIPTokenizer", "tokenizer", folder)
+    return getattr(transformers, name).from_pretrained(folder, trust_remote_code=False)
 
 
 def _class_of(index: dict[str, Any], name: str) -> str | None:
@@ -85,15 +124,18 @@ def _scheduler_s(folder: Path) -> float | None:
 def load_pipeline(
     path_or_id: str | Path,
     prior: str | Path | None = None,
-    torch_dtype: torch.dtype | None = None,
+    torch_dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> WuerstchenPipeline:
     """Load a combined folder, or a decoder folder (+ `prior`), or a prior folder alone.
 
-    With the official decoder repo id and no `prior`, the official prior repo is used.
+    With the official decoder repo id and no `prior`, the official prior repo is used. The dtype is
+    float32 unless asked (as diffusers, whatever the files hold); `"auto"` picks the precision the
+    hardware computes fastest: bfloat16 where `device` (default: the best available) has it natively,
+    float32 elsewhere (`wuerstchen.hardware`).
     """
-    dtype = dtype or torch_dtype or torch.float32  # as diffusers: float32 unless asked, whatever the files hold
+    dtype = resolve_dtype(dtype or torch_dtype or torch.float32, device)
     root = resolve_folder(path_or_id)
     index = read_json(root / "model_index.json") if (root / "model_index.json").exists() else {}
     settings: dict[str, Any] = {}
@@ -107,16 +149,16 @@ def load_pipeline(
     def load_prior_part(folder: Path, prefix: str, idx: dict[str, Any]) -> None:
         model_dir = folder / ("prior_prior" if prefix else "prior")
         parts["prior"] = load_model(StageC, model_dir, dtype)
-        parts["prior_text_encoder"] = _text_encoder(
+        parts["prior_text_encoder"] = load_text_encoder(
             folder / f"{prefix}text_encoder", _class_of(idx, f"{prefix}text_encoder"), dtype
         )
-        parts["prior_tokenizer"] = _tokenizer(folder / f"{prefix}tokenizer", _class_of(idx, f"{prefix}tokenizer"))
+        parts["prior_tokenizer"] = load_tokenizer(folder / f"{prefix}tokenizer", _class_of(idx, f"{prefix}tokenizer"))
 
     def load_decoder_part(folder: Path, idx: dict[str, Any]) -> None:
         parts["decoder"] = load_model(StageB, folder / "decoder", dtype)
         parts["vqgan"] = load_model(StageA, folder / "vqgan", dtype)
-        parts["text_encoder"] = _text_encoder(folder / "text_encoder", _class_of(idx, "text_encoder"), dtype)
-        parts["tokenizer"] = _tokenizer(folder / "tokenizer", _class_of(idx, "tokenizer"))
+        parts["text_encoder"] = load_text_encoder(folder / "text_encoder", _class_of(idx, "text_encoder"), dtype)
+        parts["tokenizer"] = load_tokenizer(folder / "tokenizer", _class_of(idx, "tokenizer"))
         if (s := _scheduler_s(folder / "scheduler")) is not None:
             settings["s"] = s
 
@@ -149,8 +191,8 @@ def load_pipeline(
         for prefix in ("prior_", ""):
             enc, tok = f"{prefix}text_encoder", f"{prefix}tokenizer"
             if (root / enc).is_dir():
-                parts[enc] = _text_encoder(root / enc, _class_of(index, enc), dtype)
-                parts[tok] = _tokenizer(root / tok, _class_of(index, tok))
+                parts[enc] = load_text_encoder(root / enc, _class_of(index, enc), dtype)
+                parts[tok] = load_tokenizer(root / tok, _class_of(index, tok))
     else:
         raise FileNotFoundError(
             f"{root}: not a Würstchen pipeline folder (expected prior_prior/ and decoder/, or decoder/, or prior/)"

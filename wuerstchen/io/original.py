@@ -93,7 +93,7 @@ def convert_original_files(
 ) -> Path:
     """Original `.pt` files + CLIP text models (folders or hub ids) → a combined diffusers folder."""
     from ..pipeline import WuerstchenPipeline
-    from .folders import _text_encoder, _tokenizer, resolve_folder
+    from .folders import load_text_encoder, load_tokenizer, resolve_folder
 
     for presets in (STAGE_A_PRESETS, STAGE_B_PRESETS, STAGE_C_PRESETS):
         if preset not in presets:
@@ -108,11 +108,11 @@ def convert_original_files(
     decoder_text = resolve_folder(text_encoder)
     pipe = WuerstchenPipeline(
         prior=load_original_stage_c(stage_c, STAGE_C_PRESETS[preset], dtype),
-        prior_text_encoder=_text_encoder(prior_text, None, dtype),
-        prior_tokenizer=_tokenizer(prior_text, None),
+        prior_text_encoder=load_text_encoder(prior_text, None, dtype),
+        prior_tokenizer=load_tokenizer(prior_text, None),
         decoder=decoder,
-        text_encoder=_text_encoder(decoder_text, None, dtype),
-        tokenizer=_tokenizer(decoder_text, None),
+        text_encoder=load_text_encoder(decoder_text, None, dtype),
+        tokenizer=load_tokenizer(decoder_text, None),
         vqgan=load_original_stage_a(stage_a, STAGE_A_PRESETS[preset], dtype),
         semantic=semantic,
     )

@@ -111,15 +111,18 @@ def encode_prompts(
     prompts: list[str],
     device: torch.device | str,
     weighting: bool = True,
+    warn: bool = True,
 ) -> Tensor:
     """Prompts → last hidden states (B, 77, D) in the text encoder's dtype.
 
-    A prompt longer than the encoder's window is truncated with a warning that says how much was cut.
+    A prompt longer than the encoder's window is truncated with a warning that says how much was cut,
+    and words outside the vocabulary are named; `warn=False` leaves both out (a second encoder of the
+    same prompts, whose warnings would repeat the first's).
     """
     max_len = tokenizer.model_max_length
     parsed = [parse_weights(p) if weighting else [(p, 1.0)] for p in prompts]
     for runs in parsed:
-        unknown = unknown_words(tokenizer, "".join(t for t, _ in runs))
+        unknown = unknown_words(tokenizer, "".join(t for t, _ in runs)) if warn else []
         if unknown:
             logger.warning(
                 "words outside the text encoder's vocabulary, read as unknown: %s (this model knows only the "
@@ -132,7 +135,7 @@ def encode_prompts(
         batch = tokenizer(texts, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
         full = tokenizer(texts, add_special_tokens=True)["input_ids"]
         for ids in full:
-            if len(ids) > max_len:
+            if len(ids) > max_len and warn:
                 cut = tokenizer.decode(ids[max_len - 1 : -1])
                 logger.warning(
                     "prompt truncated: %d of %d tokens cut (the text encoder reads %d): %r",
@@ -144,7 +147,7 @@ def encode_prompts(
         rows, wrows, masks = [], [], []
         for runs in parsed:
             ids, w, cut = _ids_with_weights(tokenizer, runs)
-            if cut:
+            if cut and warn:
                 logger.warning("prompt truncated: %d tokens cut (the text encoder reads %d)", cut, max_len)
             pad = max_len - len(ids)
             rows.append(ids + [tokenizer.pad_token_id] * pad)

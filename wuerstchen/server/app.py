@@ -38,7 +38,7 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Streamin
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..commands.generate import save_png
+from ..io.png import save_png
 from ..pipeline import WuerstchenPipeline
 from ..sampling import DEFAULT_STAGE_C_TIMESTEPS
 from ..sampling import timesteps as even_timesteps

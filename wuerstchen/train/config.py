@@ -42,7 +42,10 @@ class TrainConfig:
     batch_size: int = opt(4, "images per process per micro-batch")
     grad_accum: int = opt(1, "micro-batches per optimizer step")
     lr: float = opt(1e-4, "AdamW learning rate (after warm-up)")
-    warmup_steps: int = opt(1000, "linear learning-rate warm-up steps (the official prior used 10000)")
+    warmup_steps: int | None = opt(
+        None,
+        "linear learning-rate warm-up steps (default: 5%% of --max-steps, at most 1000; the official prior used 10000)",
+    )
     weight_decay: float = opt(0.01, "AdamW weight decay")
     max_steps: int = opt(10000, "optimizer steps to train for (resuming continues up to it)")
     grad_clip: float = opt(1.0, "clip the gradient norm to this (0: off)")
@@ -85,6 +88,8 @@ class TrainConfig:
         return {}
 
     def __post_init__(self) -> None:
+        if self.warmup_steps is None:  # resolved here, so OUTPUT/config.json (and a resume) keeps the number
+            object.__setattr__(self, "warmup_steps", min(1000, self.max_steps // 20))
         positive = ("image_size", "batch_size", "grad_accum", "ema_every", "log_every", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:

@@ -236,7 +236,7 @@ def _random_text(spec: str) -> tuple[Any, nn.Module]:
 def _text_from_folder(folder: Path, prefixes: tuple[str, ...]) -> tuple[Any, nn.Module]:
     """A pipeline folder (its `{prefix}text_encoder/`), a folder with `text_encoder/` + `tokenizer/`,
     or a CLIP text model folder that holds its tokenizer files too."""
-    from transformers import AutoTokenizer, CLIPTextModel
+    from ..io.folders import load_text_encoder, load_tokenizer
 
     if not folder.is_dir():
         raise FileNotFoundError(f"text encoder folder {folder} does not exist")
@@ -248,7 +248,7 @@ def _text_from_folder(folder: Path, prefixes: tuple[str, ...]) -> tuple[Any, nn.
         model_dir = tok_dir = folder
     if not tok_dir.is_dir():
         tok_dir = model_dir
-    return AutoTokenizer.from_pretrained(tok_dir), CLIPTextModel.from_pretrained(model_dir)
+    return load_tokenizer(tok_dir, None), load_text_encoder(model_dir, None, None)
 
 
 class Stage:

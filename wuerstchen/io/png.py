@@ -1,0 +1,62 @@
+"""PNGs that carry their generation parameters, written whole and never over an earlier image.
+
+Two text chunks: `parameters` in AUTOMATIC1111's format (what A1111, ComfyUI and image browsers
+show) and `wuerstchen` as JSON (what `wuerstchen generate --from-png` reads back).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from .checkpoint import atomic_path
+
+METADATA_KEY = "wuerstchen"
+
+# A1111's numbering: a file whose name starts with digits and a separator ("00012-7.png").
+_NUMBERED = re.compile(r"^(\d+)\D")
+
+
+def read_png_parameters(path: str | Path) -> dict[str, Any]:
+    with Image.open(path) as im:
+        text = getattr(im, "text", {}) or {}
+    if METADATA_KEY not in text:
+        raise ValueError(f"{path} carries no wuerstchen parameters (was it written by `wuerstchen generate`?)")
+    return json.loads(text[METADATA_KEY])
+
+
+def a1111_parameters(p: dict[str, Any]) -> str:
+    """The `parameters` text A1111 and the tools around it read."""
+    lines = [p["prompt"]]
+    if p.get("negative_prompt"):
+        lines.append(f"Negative prompt: {p['negative_prompt']}")
+    steps = len(p["prior_timesteps"]) - 1
+    lines.append(
+        f"Steps: {steps}, Sampler: {p['sampler']}, CFG scale: {p['prior_guidance']}, Seed: {p['seed']}, "
+        f"Size: {p['width']}x{p['height']}, Model: {p['model']}, Decoder steps: {p['decoder_steps']}, "
+        f"Decoder CFG scale: {p['decoder_guidance']}"
+    )
+    return "\n".join(lines)
+
+
+def save_png(image: Image.Image, path: Path, params: dict[str, Any]) -> None:
+    """Write `image` with `params` in its text chunks, atomically (a crash leaves no half file)."""
+    info = PngInfo()
+    info.add_text("parameters", a1111_parameters(params))
+    info.add_text(METADATA_KEY, json.dumps(params))
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info)
+
+
+def next_index(folder: Path) -> int:
+    """One more than the highest number that starts a file name in `folder` (0 for none), so a new
+    run's images follow the earlier runs' instead of replacing them (as AUTOMATIC1111 numbers)."""
+    if not folder.is_dir():
+        return 0
+    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := _NUMBERED.match(p.name))]
+    return max(numbers, default=-1) + 1
