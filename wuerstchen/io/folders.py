@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..assets import SHIPPED_MODEL_NAME, shipped_model
 from ..hardware import resolve_dtype
 from ..models.stage_a import StageA
 from ..models.stage_b import StageB
@@ -58,10 +59,13 @@ def download_advice(name: str) -> str:
 
 
 def resolve_folder(path_or_id: str | Path) -> Path:
-    """A local folder as is; a hub id (`owner/name`) downloaded through huggingface_hub's cache."""
+    """A local folder as is; `shipped-small` (unless a folder of that name is here) the model that
+    ships inside the package; a hub id (`owner/name`) downloaded through huggingface_hub's cache."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
+    if str(path_or_id) == SHIPPED_MODEL_NAME:
+        return shipped_model()
     if path.exists():
         raise NotADirectoryError(f"{path} is a file; expected a model folder (or `wuerstchen convert` it first)")
     name = str(path_or_id)

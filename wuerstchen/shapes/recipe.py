@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from ..io.checkpoint import atomic_path, write_json
+from ..io.checkpoint import write_json
 
 SIZE = 128
 # How the stages fit together (the pipeline's settings, model_index.json).
@@ -129,22 +129,11 @@ def _mark(out: Path, step: str, info: dict[str, Any]) -> None:
 
 def render_data(out: Path, n_train: int, n_eval: int, seed: int, log: Callable[[str], None]) -> None:
     """Renders of the world as an image folder (000123.png + 000123.txt): the training code's input."""
-    from .world import ShapesDataset
+    from .world import write_folder
 
     for name, split, n in (("data", "train", n_train), ("eval", "heldout", n_eval)):
-        folder = out / name
-        folder.mkdir(parents=True, exist_ok=True)
-        data = ShapesDataset(n, seed=seed, size=SIZE, split=split)
         t0 = time.perf_counter()
-        for i in range(n):
-            png, txt = folder / f"{i:06d}.png", folder / f"{i:06d}.txt"
-            if png.exists() and txt.exists():
-                continue
-            image, text, _ = data[i]
-            with atomic_path(png) as tmp:
-                image.save(tmp, format="PNG")
-            with atomic_path(txt) as tmp:
-                tmp.write_text(text + "\n", encoding="utf-8")
+        folder = write_folder(out / name, n, seed=seed, size=SIZE, split=split)
         log(f"data: {n} {split} images in {folder} ({time.perf_counter() - t0:.0f} s)")
 
 

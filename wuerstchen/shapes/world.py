@@ -16,6 +16,7 @@ import dataclasses
 import functools
 import itertools
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -366,3 +367,22 @@ def eval_prompts(n: int, seed: int = 0, split: str = "heldout") -> list[tuple[st
         scene = sample_scene(_rng(seed, split, i, stream=1), split, kind=KINDS[i % len(KINDS)])
         out.append((prompt_for(scene), scene))
     return out
+
+
+def write_folder(folder: Path, n: int, seed: int = 0, size: int = 128, split: str = "train") -> Path:
+    """Write `n` renders as a training image folder (000123.png + 000123.txt caption), each file
+    atomically; files already there are kept, so an interrupted call can simply be repeated."""
+    from ..io.checkpoint import atomic_path
+
+    folder.mkdir(parents=True, exist_ok=True)
+    data = ShapesDataset(n, seed=seed, size=size, split=split)
+    for i in range(n):
+        png, txt = folder / f"{i:06d}.png", folder / f"{i:06d}.txt"
+        if png.exists() and txt.exists():
+            continue
+        image, text, _ = data[i]
+        with atomic_path(png) as tmp:
+            image.save(tmp, format="PNG")
+        with atomic_path(txt) as tmp:
+            tmp.write_text(text + "\n", encoding="utf-8")
+    return folder

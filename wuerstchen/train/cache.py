@@ -72,7 +72,7 @@ def build_cache(task: StageCTask, path: Path) -> None:
     texts: list[Tensor] = []
     shapes: dict[tuple[int, ...], list[Tensor]] = {}
     index: list[list[Any]] = []
-    for batch in tqdm(loader, desc="caching text states and semantic latents", disable=not cfg.progress):
+    for batch in tqdm(loader, desc="caching text states and semantic latents", disable=None if cfg.progress else True):
         images = batch["image"].to(device)
         texts.append(encode_prompts(task.tokenizer, task.text_encoder, batch["caption"], device, weighting=False).cpu())
         latents = semantic.encode(images, size=_latent_side(images.shape[-2:], task.settings))

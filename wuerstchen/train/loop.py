@@ -597,7 +597,9 @@ class Trainer:
         batches = self.batches(loader)
         losses: dict[int, float] = {}
         start_step, last_saved = self.pos.step, self.pos.step if resume else -1
-        bar = tqdm(total=cfg.max_steps, initial=self.pos.step, disable=not (d.main and cfg.progress), desc="train")
+        # disable=None: no bar when stderr is not a terminal (a log file would fill with carriage returns)
+        show = None if d.main and cfg.progress else True
+        bar = tqdm(total=cfg.max_steps, initial=self.pos.step, disable=show, desc="train")
         window_start, window_steps = time.perf_counter(), 0
         images_per_step = cfg.batch_size * cfg.grad_accum * d.world_size
         while self.pos.step < cfg.max_steps:
@@ -617,6 +619,9 @@ class Trainer:
                 if d.device.type == "cuda":
                     record["max_memory_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
                 metrics.write(record)
+                if bar.disable and d.main and cfg.progress:  # no terminal: a plain log line instead of the bar
+                    logger.info("step %d/%d loss %.4f lr %.2e %.2f steps/s", self.pos.step, cfg.max_steps, value,
+                                extra["lr"], record["steps_per_s"])  # fmt: skip
             if cfg.checkpoint_every and self.pos.step % cfg.checkpoint_every == 0:
                 self.save_checkpoint()
                 last_saved = self.pos.step
