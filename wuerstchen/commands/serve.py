@@ -2,7 +2,7 @@
 
     pip install 'wuerstchen[serve]'
     wuerstchen serve --model warp-ai/wuerstchen --dtype bfloat16      # then open http://127.0.0.1:7860/
-    wuerstchen serve --model demo-model --port 8000 --max-images 4 --output-dir outputs/
+    wuerstchen serve --port 8000 --max-images 4 --output-dir outputs/   # the shipped small model
 
     curl -s http://127.0.0.1:7860/v1/images/generations -H 'Content-Type: application/json' \\
          -d '{"prompt": "a red circle", "size": "1024x1024", "n": 1}'

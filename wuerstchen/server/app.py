@@ -289,8 +289,9 @@ class JobQueue:
         output_dir: Path | None = None,
         keep_jobs: int = 100,
         preview: bool = True,
+        dtype: str | None = None,
     ) -> None:
-        self.pipe, self.model, self.limits, self.preview = pipe, model, limits, preview
+        self.pipe, self.model, self.limits, self.preview, self.dtype = pipe, model, limits, preview, dtype
         self.keep_jobs = keep_jobs
         self._temp = None if output_dir is not None else tempfile.mkdtemp(prefix="wuerstchen-serve-")
         self.output_dir = Path(output_dir if output_dir is not None else self._temp)
@@ -464,6 +465,7 @@ class JobQueue:
                 decoder_guidance=p.decoder_guidance,
                 sampler=p.sampler,
                 model=self.model,
+                dtype=self.dtype,
             )
             path = self.output_dir / f"{job.id}-{i}-{job.seed + i}.png"
             save_png(image, path, params)
@@ -518,9 +520,11 @@ def create_app(
     preview: bool = True,
 ) -> FastAPI:
     """The FastAPI app around one pipeline; its worker thread starts and stops with the app."""
-    jobs = JobQueue(pipe, model, limits, output_dir, keep_jobs, preview)
-    model_name = str(model) if model is not None else "shipped small model"
+    from ..assets import SHIPPED_MODEL_NAME
+
+    model_name = str(model) if model is not None else SHIPPED_MODEL_NAME  # what --model/--from-png accept again
     dtype = next((str(p.dtype).removeprefix("torch.") for m in pipe.modules().values() for p in m.parameters()), "?")
+    jobs = JobQueue(pipe, model_name, limits, output_dir, keep_jobs, preview, dtype)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
