@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerance import BF16_EPS, rel_err
 
 from wuerstchen.models.blocks import GlobalResponseNorm
 
@@ -22,7 +23,9 @@ def test_inference_path_matches_the_training_path():
     grn, x = _grn(8), torch.randn(2, 5, 6, 8)
     with torch.no_grad():
         fast = grn(x)
-    assert (fast - grn(x)).abs().max() <= 1e-5
+    # The same float32 formula in another order; outputs up to ~8. Measured ≤ 3.3e-7 relative here
+    # (500 random draws; AVX2 kernels alike); the former bound, 1e-5 absolute, was ~1.2e-6 relative.
+    assert rel_err(fast, grn(x)) <= 1e-6
 
 
 def test_gradient_is_finite_where_a_channel_is_zero():
@@ -33,7 +36,10 @@ def test_gradient_is_finite_where_a_channel_is_zero():
     assert torch.isfinite(x.grad).all() and torch.isfinite(grn.gamma.grad).all()
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+# float32: rounding, measured 4.3e-7 relative here. bfloat16: each path rounds at other points and
+# lies up to ~5 BF16_EPS (of the max) from the float32 output (seeds 0–7, the same with oneDNN's
+# emulated bfloat16), so the two are at most ~10 BF16_EPS apart; measured 4.4 BF16_EPS (1.7e-2).
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 10 * BF16_EPS)])
 def test_projected_semantic_condition_gives_the_same_noise_estimate(dtype, tol):
     from wuerstchen.models.stage_b import STAGE_B_PRESETS, StageB
 
@@ -51,7 +57,7 @@ def test_projected_semantic_condition_gives_the_same_noise_estimate(dtype, tol):
         assert cond.projected and any(p is not None for level in cond.projected for p in level)
         assert not plain_cond.projected
         projected, plain = decoder(x, r, cond=cond).float(), decoder(x, r, cond=plain_cond).float()
-    assert (projected - plain).abs().max() <= tol * plain.abs().max(), (projected - plain).abs().max()
+    assert rel_err(projected, plain) <= tol
 
 
 def test_prior_copies_equal_a_repeated_batch():
@@ -62,13 +68,18 @@ def test_prior_copies_equal_a_repeated_batch():
     prior = StageC(STAGE_C_PRESETS["tiny"]).eval()
     for p in prior.parameters():
         torch.nn.init.normal_(p, std=0.2)
+    with torch.no_grad():
+        # Keep the head's |1 − b| near 1, as in a trained prior: with std-0.2 weights there too, ε is
+        # divided by ~0 at some positions, which magnifies rounding to 2e-5 of the max (AVX2 kernels).
+        prior.out[1].weight.mul_(0.1)
+        prior.out[1].bias.zero_()
     x, r, clip = torch.randn(2, 16, 3, 3), torch.tensor([0.3, 0.8]), torch.randn(4, 5, 32)
     with torch.no_grad():
         kv = prior.condition(clip)
         shared = prior(x, r, kv=kv, copies=2)
         plain = prior(torch.cat([x, x]), torch.cat([r, r]), kv=kv)
     assert shared.shape == plain.shape == (4, 16, 3, 3)
-    assert (shared - plain).abs().max() <= 1e-5 * plain.abs().max()
+    assert rel_err(shared, plain) <= 1e-6  # other batch shapes, other kernels: measured ≤ 1.7e-7
 
 
 @pytest.mark.parametrize("shape", [(2, 24, 37, 29), (1, 24, 5, 1), (1, 24, 1, 7)])
@@ -89,7 +100,7 @@ def test_vqgan_block_inference_path_matches_the_training_path(shape, channels_la
     plain = block(x)  # autograd on: the training path
     with torch.no_grad():
         lean = block(x)
-    assert (lean - plain).abs().max() <= 1e-6 * plain.abs().max()
+    assert rel_err(lean, plain) <= 1e-6  # float32 rounding: measured 0 here, 8e-8 with MKL_CBWR=COMPATIBLE
 
 
 @pytest.mark.parametrize("queries", [50, 600])
@@ -106,4 +117,6 @@ def test_cpu_bfloat16_attention_matches_sdpa(queries):
         out = attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
     ref = F.scaled_dot_product_attention(q, k, v)
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape
-    assert (out.float() - ref).abs().max() <= 0.05 * ref.abs().max()
+    # q, k, v and the output rounded to bfloat16 (½ BF16_EPS each), probabilities maybe too: a few
+    # BF16_EPS of the max; measured 1.9 BF16_EPS (7.3e-3), the same with emulated bfloat16.
+    assert rel_err(out, ref) <= 6 * BF16_EPS

@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors import safe_open
+from tolerance import max_abs, rel_err
 
 from wuerstchen.io.checkpoint import load_tensors, save_tensors
 from wuerstchen.lora import apply_lora, load_lora_weights, lora_state_dict, save_lora, set_lora_scale, unload_lora
@@ -114,7 +115,7 @@ def test_loaded_lora_at_scales_0_half_1_and_unload(trained):
     assert torch.equal(image(pipe), trained.base_image)
     set_lora_scale(pipe, 1.0)
     full = image(pipe)
-    assert (full - trained.image).abs().max() <= 1e-5
+    assert max_abs(full, trained.image) <= 1e-5  # images in [0, 1]; the same weights from a file: measured 0
     set_lora_scale(pipe, 0.5)
     half = image(pipe)
     span = distance(full, trained.base_image)
@@ -137,10 +138,11 @@ def test_named_adapters_add_up_and_unload_one_at_a_time(trained):
     with pytest.raises(ValueError, match="already loaded"):
         load_lora_weights(twice, trained.path, adapter_name="b")
     with torch.no_grad():
-        assert torch.allclose(once.prior(x, r, clip), twice.prior(x, r, clip), atol=1e-5)
+        # Two adapters at 0.5 against one at 1: float32 rounding of the sum, measured 1.3e-7 (of a max ~4).
+        assert rel_err(twice.prior(x, r, clip), once.prior(x, r, clip)) <= 1e-5
         unload_lora(twice, "b")
         set_lora_scale(once, 0.5)
-        assert torch.allclose(once.prior(x, r, clip), twice.prior(x, r, clip), atol=1e-6)
+        assert rel_err(twice.prior(x, r, clip), once.prior(x, r, clip)) <= 1e-6  # one adapter each: measured 0
 
 
 @pytest.mark.parametrize(
@@ -190,7 +192,7 @@ def test_files_go_both_ways_with_diffusers(trained, tmp_path):
     x, r, clip, _ = toy_batch(2)
     with torch.no_grad():
         want = trained.pipe.prior(x, r, clip)
-        assert (reference(x, r, clip) - want).abs().max() <= 1e-5
+        assert rel_err(reference(x, r, clip), want) <= 1e-5  # diffusers' prior and peft: measured 1.2e-7
         WuerstchenPriorPipeline.save_lora_weights(
             tmp_path / "diffusers",
             unet_lora_layers=get_peft_model_state_dict(reference, adapter_name="style"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tolerance import max_abs, rel_err
 from torch import nn
 
 from wuerstchen.models import onednn
@@ -64,10 +65,13 @@ def test_every_stage_gives_the_same_output_on_onednn():
             assert onednn._local.cache is None  # the packed copies are gone after the block
             if dtype == torch.float32:
                 exact[name] = plain
-                err = (fast - plain).abs().max()
-                assert err <= 1e-5 * plain.abs().max(), f"{name}: {err}"
+                err = rel_err(fast, plain)  # other GEMM kernels: measured ≤ 1.2e-7 (4.5e-7 with MKL_CBWR=COMPATIBLE)
+                assert err <= 1e-5, f"{name}: {err}"
             else:
                 ref = exact[name]
+                # Both in bfloat16 on this CPU, natively or emulated alike (measured the same either
+                # way): plain bfloat16 is 0.7–2.3 BF16_EPS of the mean off float32 here, oneDNN's
+                # 0.98–1.01 times that; 1e-3 (a quarter of BF16_EPS) covers a near-exact plain_err.
                 err, plain_err = (fast - ref).abs().mean(), (plain - ref).abs().mean()
                 assert err <= 1.25 * plain_err + 1e-3 * ref.abs().mean(), f"{name}: {err} vs {plain_err}"
 
@@ -80,8 +84,9 @@ def test_fused_gelu_and_added_term_match_the_plain_ops():
         plain_mlp, plain_add = mlp(x), torch.addmm(other.view(-1, 48), x.view(-1, 12), w[:, :12].t()).view(2, 4, 5, 48)
         with packed_linears():
             fused_mlp, fused_add = mlp(x), linear_add(x, w, other)
-    assert (fused_mlp - plain_mlp).abs().max() <= 1e-5 * plain_mlp.abs().max()
-    assert (fused_add - plain_add).abs().max() <= 1e-5 * plain_add.abs().max()
+    # float32 rounding (GELU fused into oneDNN's GEMM): measured 0 here, ≤ 1.4e-7 with MKL_CBWR=COMPATIBLE.
+    assert rel_err(fused_mlp, plain_mlp) <= 1e-5
+    assert rel_err(fused_add, plain_add) <= 1e-5
 
 
 def test_a_weight_edited_inside_the_block_is_packed_again():
@@ -93,7 +98,7 @@ def test_a_weight_edited_inside_the_block_is_packed_again():
         after = layer(x)
     expected = torch.nn.functional.linear(x, layer.weight, layer.bias)
     assert not torch.allclose(before, after)
-    assert (after - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert rel_err(after, expected) <= 1e-5  # float32 rounding: measured 6.5e-8
 
 
 def test_training_and_wrapped_layers_take_the_plain_path():
@@ -117,7 +122,7 @@ def test_training_and_wrapped_layers_take_the_plain_path():
         mlp[0] = Doubled(mlp[0])
         with packed_linears():
             got = mlp(x)
-    assert (got - expected).abs().max() <= 1e-5 * expected.abs().max()
+    assert rel_err(got, expected) <= 1e-5  # float32 rounding: measured ≤ 2.1e-7
 
 
 def test_pipeline_on_onednn_changes_no_pixel():
@@ -128,4 +133,4 @@ def test_pipeline_on_onednn_changes_no_pixel():
     for packed in ((), ("prior", "decoder", "vqgan")):
         pipe.packed_stages = packed
         images[bool(packed)] = pipe("a red circle", height=128, width=128, output_type="pt", seed=3).images
-    assert (images[True] - images[False]).abs().max() <= 1e-5
+    assert max_abs(images[True], images[False]) <= 1e-5  # images in [0, 1]: measured ≤ 1.8e-7

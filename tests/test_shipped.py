@@ -18,9 +18,9 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from tolerance import max_abs
 
-from wuerstchen import DEFAULT_STAGE_C_TIMESTEPS, WuerstchenPipeline
-from wuerstchen import shipped_model
+from wuerstchen import DEFAULT_STAGE_C_TIMESTEPS, WuerstchenPipeline, shipped_model
 from wuerstchen.shapes import eval_prompts
 from wuerstchen.shapes.evaluate import detect, score
 
@@ -75,7 +75,7 @@ def test_same_image_in_diffusers(pipe):
     embeddings = prior(**args, num_inference_steps=steps, guidance_scale=4.0, generator=gen).image_embeddings
     want = decoder(embeddings, prompt=args["prompt"], num_inference_steps=6, generator=gen, output_type="pt").images
     got = pipe(**args, **FAST, generator=torch.Generator().manual_seed(11), output_type="pt").images
-    assert (got - want).abs().max() <= 1e-4
+    assert max_abs(got, want) <= 1e-4  # images in [0, 1]; float32 rounding: measured ≤ 2.1e-5
 
 
 def test_unknown_words_warn(pipe, caplog):

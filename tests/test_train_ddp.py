@@ -85,8 +85,13 @@ def test_two_processes_match_one(strategy: str, stage: str, setup: dict) -> None
     assert proc.returncode == 0, proc.stderr[-3000:]
     ours, single = load_file(str(grads)), load_file(str(run["grads"]))
     assert ours.keys() == single.keys()
+    # Gradients range from ~1e-11 (rounding where the true gradient is 0, as a key's bias has) to
+    # ~0.1, so an absolute 1e-5 would pass any error in the small ones: the bound is 1e-5 of the
+    # largest gradient, plus 1e-5 relative. Measured: bit-identical here (the same micro-batches
+    # summed; halving is exact).
+    scale = max(g.abs().max().item() for g in single.values())
     for k in single:
-        torch.testing.assert_close(ours[k], single[k], atol=1e-5, rtol=1e-5, msg=k)
+        torch.testing.assert_close(ours[k], single[k], atol=1e-5 * scale, rtol=1e-5, msg=k)
     logged, expected = metrics(out), metrics(run["out"])
     assert [r["step"] for r in logged] == [1, 2]  # rank 0 alone writes: no line twice
     for a, b in zip(logged, expected, strict=True):
