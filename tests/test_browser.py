@@ -3,17 +3,22 @@ a real `wuerstchen serve` process: type a prompt, generate, see the images in th
 
     apt-get install -y chromium && pip install playwright    # or: ci/install_browser.sh
     pytest tests/test_browser.py
-    WUERSTCHEN_UI_SCREENSHOT=docs/ui.png pytest tests/test_browser.py   # also save a screenshot there
+    WUERSTCHEN_UI_SCREENSHOT=docs/ui.png pytest tests/test_browser.py -k screenshot   # the README's picture
+
+The screenshot test runs only when WUERSTCHEN_UI_SCREENSHOT names a file: it serves the shipped
+small model (the other tests use a tiny random one, whose images are noise) and saves the page with
+one finished job and one in Stage C, its preview showing.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from test_server import shared_server
+from test_server import serve, shared_server
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = [
@@ -31,12 +36,12 @@ sync_api = pytest.importorskip("playwright.sync_api")
 pytest.importorskip("fastapi")
 
 
-@pytest.fixture(scope="module")
-def page(tiny_folder: Path, pytestconfig: pytest.Config) -> Iterator:
-    url = shared_server(tiny_folder, pytestconfig)
+@contextmanager
+def browse(url: str, viewport: dict[str, int] | None = None) -> Iterator:
+    """A Chromium page on the UI at `url`, once /api/info has answered; no script errors allowed."""
     with sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=ARGS)
-        page = browser.new_page(viewport={"width": 1280, "height": 760})
+        page = browser.new_page(viewport=viewport or {"width": 1280, "height": 760})
         errors: list[str] = []
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.goto(url + "/")
@@ -46,14 +51,22 @@ def page(tiny_folder: Path, pytestconfig: pytest.Config) -> Iterator:
         assert not errors, errors
 
 
+@pytest.fixture(scope="module")
+def page(tiny_folder: Path, pytestconfig: pytest.Config) -> Iterator:
+    with browse(shared_server(tiny_folder, pytestconfig)) as page:
+        yield page
+
+
+def fill(page, **fields: str) -> None:
+    for name, value in fields.items():
+        page.fill(f"#{name}", value)
+
+
 def test_generate_from_the_page(page, tmp_path: Path) -> None:
     assert page.locator("#preset option").all_inner_texts() == ["128 × 128", "128 × 256", "256 × 128", "custom"]
     page.fill("#prompt", "a red circle above a blue square")
     page.select_option("#preset", "256x128")
-    page.fill("#num_images", "2")
-    page.fill("#seed", "42")
-    page.fill("#prior_steps", "4")
-    page.fill("#decoder_steps", "2")
+    fill(page, num_images="2", seed="42", prior_steps="4", decoder_steps="2")
     page.click("#generate")
 
     page.wait_for_selector(".job .state.done", timeout=60_000)
@@ -65,18 +78,56 @@ def test_generate_from_the_page(page, tmp_path: Path) -> None:
     assert page.locator("figcaption").all_inner_texts()[1].startswith("seed 43")  # image i has seed + i
     assert page.locator("figcaption a[download]").first.get_attribute("download") == "wuerstchen-42.png"
     page.screenshot(path=tmp_path / "ui.png")
-    if os.environ.get("WUERSTCHEN_UI_SCREENSHOT"):
-        page.screenshot(path=os.environ["WUERSTCHEN_UI_SCREENSHOT"])
+
+
+def test_empty_prompt_generates_unconditionally(page) -> None:
+    # As the CLI and the API: no prompt is unconditional generation, not a form error.
+    page.fill("#prompt", "")
+    page.select_option("#preset", "128x128")
+    fill(page, num_images="1", seed="3", prior_steps="2", decoder_steps="2")
+    page.click("#generate")
+    card = page.locator(".job").first
+    card.locator(".state.done").wait_for(timeout=60_000)
+    assert card.locator(".prompt").inner_text() == "(no prompt)"
+    assert card.locator("img.result").count() == 1
+    assert page.locator("#error").inner_text() == ""
 
 
 def test_cancel_from_the_page(page) -> None:
     page.fill("#prompt", "a long one")
-    page.fill("#num_images", "8")
-    page.fill("#prior_steps", "200")
-    page.fill("#decoder_steps", "200")
+    fill(page, num_images="8", prior_steps="200", decoder_steps="200")
     page.click("#generate")
     card = page.locator(".job").first
     card.locator(".preview:not([hidden])").wait_for(timeout=30_000)  # the Stage C preview is showing
     card.locator("button.cancel").click()
     card.locator(".state.cancelled").wait_for(timeout=15_000)
     assert card.locator("img.result").count() == 0
+
+
+@pytest.mark.skipif(not os.environ.get("WUERSTCHEN_UI_SCREENSHOT"), reason="set WUERSTCHEN_UI_SCREENSHOT=PATH.png")
+def test_screenshot_of_the_shipped_model(tmp_path: Path) -> None:
+    """The README's screenshot: three images of the shipped model, and above them a job in Stage C
+    with its preview. About 20 s on two CPU cores."""
+    path = Path(os.environ["WUERSTCHEN_UI_SCREENSHOT"])
+    with serve(None, log=tmp_path / "serve.log") as url, browse(url, {"width": 1280, "height": 800}) as page:
+        page.fill("#prompt", "a red circle above a blue square")
+        fill(page, num_images="3", seed="3")  # the official schedule and defaults otherwise
+        page.click("#generate")
+        page.locator(".job .state.done").wait_for(timeout=120_000)
+        page.wait_for_function("[...document.querySelectorAll('img.result')].every(i => i.complete && i.naturalWidth)")
+
+        # 200 prior steps keep Stage C running long enough to catch its preview four fifths of the way,
+        # when the layout has formed but the job is not over.
+        page.fill("#prompt", "two large orange diamonds")
+        fill(page, seed="7", prior_steps="200")
+        page.click("#generate")
+        running = page.locator(".job").first
+        running.locator(".preview:not([hidden])").wait_for(timeout=60_000)
+        page.wait_for_function("document.querySelector('.job progress').value >= 0.8", timeout=60_000)
+        page.wait_for_timeout(400)  # the next preview (one per 0.25 s) catches up with the progress bar
+        page.mouse.move(0, 0)  # no hover state in the picture
+        path.parent.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=path)
+        running.locator("button.cancel").click()
+        running.locator(".state.cancelled").wait_for(timeout=30_000)
+    assert path.stat().st_size < 300_000, "docs/ui.png should stay small"

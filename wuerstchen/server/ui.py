@@ -66,7 +66,7 @@ figcaption button { padding: .05rem .4rem; font-size: .8rem; }
 <main>
 <form id="form" autocomplete="off">
   <label>Prompt
-    <textarea id="prompt" rows="3" placeholder="a red circle above a blue square" required></textarea></label>
+    <textarea id="prompt" rows="3" placeholder="a red circle above a blue square"></textarea></label>
   <label>Negative prompt
     <textarea id="negative_prompt" rows="2" placeholder="what the image should not show"></textarea></label>
   <div class="row3">
@@ -88,8 +88,8 @@ figcaption button { padding: .05rem .4rem; font-size: .8rem; }
     <label>Sampler <select id="sampler"></select></label></div></fieldset>
   <button class="primary" id="generate" type="submit">Generate</button>
   <p class="error" id="error" role="alert"></p>
-  <p class="muted">Ctrl+Enter generates. The preview during Stage C is a linear colour fit of the latent,
-    not a decode.</p>
+  <p class="muted">Ctrl+Enter generates; an empty prompt generates unconditionally. The preview during
+    Stage C is a colour map fitted to the latent, not a decode.</p>
 </form>
 <section id="gallery" aria-live="polite"></section>
 </main>
