@@ -160,5 +160,11 @@ def encode_prompts(
         w = weights.to(states.device, torch.float32)[:, :, None]
         before = states.float().mean(dim=(1, 2), keepdim=True)
         weighted = states.float() * w
-        states = (weighted * (before / weighted.mean(dim=(1, 2), keepdim=True))).to(states.dtype)
+        after = weighted.mean(dim=(1, 2), keepdim=True)
+        # Restore the mean only where it is a real quantity: a text encoder whose final LayerNorm has
+        # no bias (a fresh CLIP) gives states of mean ~1e-8 at magnitude ~1, and the ratio of two such
+        # means is rounding noise (seen: -3.5, 4, ±inf), so those prompts keep their plain weights.
+        scale = weighted.abs().mean(dim=(1, 2), keepdim=True)
+        real = (before.abs() > 1e-3 * scale) & (after.abs() > 1e-3 * scale)
+        states = (weighted * torch.where(real, before / after, torch.ones_like(after))).to(states.dtype)
     return states
