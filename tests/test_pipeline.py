@@ -147,7 +147,7 @@ def test_compile_gives_the_same_image(tiny_folder, pipe):
     # fusing reorders float32 arithmetic, hence a tolerance rather than equality.
     compiled = WuerstchenPipeline.from_pretrained(tiny_folder)
     compiled.compile()
-    assert set(compiled._compiled) == {"prior", "decoder", "vqgan"}
+    assert set(compiled.placement.compiled) == {"prior", "decoder", "vqgan"}
     args = dict(FAST, prior_num_inference_steps=2)
     want = pipe("a red circle", seed=5, **args).images
     assert (compiled("a red circle", seed=5, **args).images - want).abs().max() <= 1e-4
