@@ -149,7 +149,7 @@ def test_compile_gives_the_same_image(tiny_folder, pipe):
     # measured 4.4e-5 here (5.4e-5 with oneDNN held to AVX2).
     compiled = WuerstchenPipeline.from_pretrained(tiny_folder)
     compiled.compile()
-    assert set(compiled._compiled) == {"prior", "decoder", "vqgan"}
+    assert set(compiled.placement.compiled) == {"prior", "decoder", "vqgan"}
     args = dict(FAST, prior_num_inference_steps=2)
     want = pipe("a red circle", seed=5, **args).images
     assert max_abs(compiled("a red circle", seed=5, **args).images, want) <= 1e-4

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,29 +29,18 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .hardware import check_dtype
-from .models.onednn import packed_linears
 from .models.stage_a import StageA
 from .models.stage_b import StageB
 from .models.stage_c import StageC
 from .models.text import encode_prompts
+from .parts import DECODER_V2, PRIOR_V2, Denoiser, PipelineSettings
+from .placement import Placement
 from .sampling import Generator, randn, sample, timesteps
 
 logger = logging.getLogger(__name__)
 
 # A step callback for progress bars, previews and cancellation: (stage, step, total, latents).
 StepHook = Callable[[str, int, int, Tensor], None]
-
-
-@dataclass(frozen=True)
-class PipelineSettings:
-    """How the stages fit together (diffusers keeps these in `model_index.json`)."""
-
-    latent_mean: float = 42.0  # prior latents are trained on (x + 1) / 42 ...
-    latent_std: float = 1.0  # ... and mapped back with x · 42 − 1 (diffusers' names)
-    resolution_multiple: float = 42.67  # image side / Stage C latent side
-    latent_dim_scale: float = 10.67  # Stage B latent side / Stage C latent side
-    s: float = 0.008  # cosine-schedule offset of both schedulers
-    default_size: int = 1024  # the size the weights were trained at
 
 
 @dataclass
@@ -91,6 +79,78 @@ def _check_steps(steps: int, custom: Sequence[float] | None, name: str) -> list[
     return timesteps(steps)
 
 
+def _check_count(n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"`num_images_per_prompt` must be an integer ≥ 1, got {n!r}")
+
+
+def _check_output_type(output_type: str) -> None:
+    if output_type not in ("pil", "np", "pt", "latent"):
+        raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+
+
+def _noise(
+    latents: Tensor | None, shape: tuple[int, ...], generator: Generator, device: torch.device, what: str
+) -> Tensor:
+    """The starting latents: given ones (checked against `shape`) or noise drawn as diffusers does."""
+    if latents is None:
+        return randn(shape, generator, device, torch.float32)
+    if tuple(latents.shape) != shape:
+        raise ValueError(f"{what} has shape {tuple(latents.shape)}, expected {shape}")
+    return latents.to(device, torch.float32)
+
+
+def size_step(st: PipelineSettings, decoder: StageB | None, vqgan: StageA | None) -> int:
+    """The smallest image side whose Stage C side k, Stage B side (k · latent_dim_scale, divisible by
+    the decoder's stride) and pixels (Stage B side × the VQGAN's downscale) are all whole."""
+    stride = decoder.config.stride if decoder is not None else 1
+    down = vqgan.config.downscale if vqgan is not None else 4
+    for k in range(1, 257):
+        px = round(k * st.resolution_multiple)
+        b_side = int(k * st.latent_dim_scale)
+        if math.ceil(px / st.resolution_multiple) == k and b_side % stride == 0 and b_side * down == px:
+            return px
+    raise ValueError("these pipeline settings admit no image size whose latents fit every stage")
+
+
+def _snap(name: str, value: int | None, step: int, default: int) -> int:
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"`{name}` must be an integer number of pixels, got {value!r}")
+    if value < step:
+        raise ValueError(f"{name}={value} is too small: this model needs at least {step} px (a multiple of {step})")
+    if value % step:
+        logger.warning("%s=%d is not a multiple of %d px; using %d", name, value, step, value - value % step)
+    return value - value % step
+
+
+def _generators(generator: Generator, seed: int | None, count: int) -> Generator:
+    """`seed` gives image i of the batch the seed `seed + i`, so each can be made again alone."""
+    if seed is not None:
+        if generator is not None:
+            raise ValueError("pass either `seed` or `generator`, not both")
+        return [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(count)]
+    if isinstance(generator, list) and len(generator) != count:
+        raise ValueError(f"got {len(generator)} generators for {count} images: give one per image")
+    return generator
+
+
+def _with_negatives(encode: Callable[[list[str]], Tensor], cond: Tensor, negative: list[str] | None,
+                    negative_embeds: Tensor | None, repeat: int) -> Tensor:  # fmt: skip
+    """[cond; uncond] for classifier-free guidance: one negative prompt for all, or one per prompt,
+    or given states; the empty prompt when none is given."""
+    if negative_embeds is None:
+        batch = cond.shape[0] // repeat
+        negative = negative or [""]
+        if len(negative) not in (1, batch):
+            raise ValueError(f"got {len(negative)} negative prompts for {batch} prompts: give one, or one per prompt")
+        negative_embeds = encode(negative * batch if len(negative) == 1 else negative)
+    uncond = negative_embeds.to(cond.device).repeat_interleave(repeat, dim=0)
+    if uncond.shape != cond.shape:
+        raise ValueError(f"negative text states {tuple(uncond.shape)} do not match the prompt's {tuple(cond.shape)}")
+    return torch.cat([cond, uncond.to(cond.dtype)])
+
+
 def _check_finite(x: Tensor, stage: str) -> None:
     if not torch.isfinite(x).all():
         raise FloatingPointError(
@@ -110,32 +170,24 @@ def to_output(images: Tensor, output_type: str) -> Any:
 
 
 class WuerstchenPipeline:
-    """Prior (Stage C) + decoder (Stage B) + VQGAN (Stage A), each with its text encoder."""
+    """Prior (Stage C) + decoder (Stage B) + VQGAN (Stage A), each with its text encoder; the
+    generation's parts (`parts.py`) say how each stage is conditioned, guided and mapped."""
 
+    prior_part = PRIOR_V2
+    decoder_part = DECODER_V2
+
+    # fmt: off
     def __init__(
-        self,
-        prior: StageC | None,
-        prior_text_encoder: nn.Module | None,
-        prior_tokenizer: Any,
-        decoder: StageB | None,
-        text_encoder: nn.Module | None,
-        tokenizer: Any,
-        vqgan: StageA | None,
-        settings: PipelineSettings | None = None,
-        semantic: nn.Module | None = None,
+        self, prior: StageC | None, prior_text_encoder: nn.Module | None, prior_tokenizer: Any,
+        decoder: StageB | None, text_encoder: nn.Module | None, tokenizer: Any, vqgan: StageA | None,
+        settings: PipelineSettings | None = None, semantic: nn.Module | None = None,
     ) -> None:
-        self.prior = prior
-        self.prior_text_encoder = prior_text_encoder
-        self.prior_tokenizer = prior_tokenizer
-        self.decoder = decoder
-        self.text_encoder = text_encoder
-        self.tokenizer = tokenizer
-        self.vqgan = vqgan
-        self.semantic = semantic
+        # fmt: on
+        self.prior, self.prior_text_encoder, self.prior_tokenizer = prior, prior_text_encoder, prior_tokenizer
+        self.decoder, self.text_encoder, self.tokenizer = decoder, text_encoder, tokenizer
+        self.vqgan, self.semantic = vqgan, semantic
         self.settings = settings or PipelineSettings()
-        self._device = torch.device("cpu")
-        self._offload: str | None = None
-        self._compiled: dict[str, Callable] = {}
+        self.placement = Placement()
         # CPU inference: in these stages the Linear layers run on oneDNN with their weights packed once
         # per sampling loop and the MLPs' GELU fused in (models/onednn.py), at the cost of one more
         # copy of the stage's Linear weights while it runs. The decoder is left out: its weights are
@@ -177,7 +229,7 @@ class WuerstchenPipeline:
 
     @property
     def device(self) -> torch.device:
-        return self._device
+        return self.placement.device
 
     def to(
         self, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None
@@ -189,355 +241,162 @@ class WuerstchenPipeline:
                 raise TypeError("pipe.to(dtype) takes one dtype: use pipe.to(device, dtype)")
             device, dtype = None, device
         if device is not None:
-            self._device = torch.device(device)
+            self.placement.device = torch.device(device)
         if dtype is not None:
-            check_dtype(dtype, self._device)
+            check_dtype(dtype, self.device)
         for m in self.modules().values():
-            m.to(device=None if self._offload else device, dtype=dtype)
+            m.to(device=None if self.placement.offload else device, dtype=dtype)
         return self
 
     def enable_model_cpu_offload(self, device: torch.device | str | None = None) -> None:
         """Keep every model on the CPU and move each to `device` only while it runs (any device)."""
-        self._offload = "model"
-        self._device = torch.device(device) if device is not None else self._device
-        for m in self.modules().values():
-            m.to("cpu")
+        self.placement.enable_offload("model", device, self.modules())
 
     def enable_sequential_cpu_offload(self, device: torch.device | str | None = None) -> None:
         """Move each layer to `device` only for its own forward: slowest, least memory."""
-        self.enable_model_cpu_offload(device)
-        self._offload = "sequential"
+        self.placement.enable_offload("sequential", device, self.modules())
 
     def compile(self, freeze: bool | None = None, **options: Any) -> None:
         """Opt-in `torch.compile` (inductor) of the prior, the decoder and the VQGAN's decode; the
-        first call at each size pays the compile time (tens of seconds on a CPU).
-
-        `freeze` (default: on unless offloading) is inductor's freezing: the weights become constants
-        of the compiled graph, which lets it fold them and pre-pack them for oneDNN, most of the gain
-        on a CPU (`wuerstchen bench` measures it). Frozen weights must not be edited in place
-        afterwards; replacing modules (a LoRA), `to()` and other sizes compile again by themselves.
-        `options` go to `torch.compile` (e.g. `mode="max-autotune"`, which excludes `freeze`).
-        """
-        if freeze is None:
-            freeze = self._offload is None and "mode" not in options
-        if freeze:
-            options = {**options, "options": {**options.get("options", {}), "freezing": True}}
-        self._compiled = {}
-        for name in ("prior", "decoder"):
-            if getattr(self, name) is not None:
-                self._compiled[name] = torch.compile(getattr(self, name), **options)
+        first call at each size compiles (tens of seconds on a CPU). `freeze` and `options`: see
+        `Placement.compile`."""
+        fns = {n: m for n in ("prior", "decoder") if (m := getattr(self, n)) is not None}
         if self.vqgan is not None:
-            self._compiled["vqgan"] = torch.compile(self.vqgan.decode_latents, **options)
+            fns["vqgan"] = self.vqgan.decode_latents
+        self.placement.compile(fns, freeze, options)
 
-    @contextmanager
-    def _placed(self, name: str) -> Iterator[Callable]:
-        """Yield the callable for model `name` on the execution device, honouring offload (on a CPU,
-        the Linear layers of `packed_stages` run on oneDNN meanwhile, offloaded or not)."""
-        with packed_linears(name in self.packed_stages and name not in self._compiled):
-            with self._offloaded(name):
-                yield self._compiled.get(name, getattr(self, name))
-
-    @contextmanager
-    def _offloaded(self, name: str) -> Iterator[None]:
-        """Model `name` on the execution device for the block (all of it, or layer by layer)."""
-        module = getattr(self, name)
-        if self._offload is None:
-            yield
-            return
-        if self._offload == "model":
-            module.to(self._device)
-            try:
-                yield
-            finally:
-                module.to("cpu")
-            return
-
-        def load(m: nn.Module, _args: Any) -> None:
-            m.to(self._device)
-
-        def unload(m: nn.Module, _args: Any, _out: Any) -> None:
-            m.to("cpu")
-
-        hooks = []
-        for leaf in module.modules():
-            own = [*leaf.parameters(recurse=False), *leaf.buffers(recurse=False)]
-            if own:
-                hooks += [leaf.register_forward_pre_hook(load), leaf.register_forward_hook(unload)]
-        try:
-            yield
-        finally:
-            for h in hooks:
-                h.remove()
-            module.to("cpu")
+    def _placed(self, name: str):
+        return self.placement.placed(name, getattr(self, name), packed=name in self.packed_stages)
 
     # ----------------------------------------------------------------------------- sizes
     @property
     def size_step(self) -> int:
-        """The image-side step (px) at which every stage's latent sizes are whole numbers:
-        128 for the official weights. Sizes are snapped down to a multiple of it."""
-        st = self.settings
-        stride = self.decoder.config.stride if self.decoder is not None else 1
-        down = self.vqgan.config.downscale if self.vqgan is not None else 4
-        for k in range(1, 257):
-            px = round(k * st.resolution_multiple)
-            b_side = int(k * st.latent_dim_scale)
-            if math.ceil(px / st.resolution_multiple) == k and b_side % stride == 0 and b_side * down == px:
-                return px
-        raise ValueError("these pipeline settings admit no image size whose latents fit every stage")
+        """The image-side step (px) at which every stage's latent sizes are whole numbers: 128 for the
+        official weights."""
+        return size_step(self.settings, self.decoder, self.vqgan)
 
     def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """Snap a size down to the model's step with a warning; refuse one below a single step."""
-        step = self.size_step
-        out = []
-        for name, value in (("height", height), ("width", width)):
-            value = self.settings.default_size if value is None else value
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"`{name}` must be an integer number of pixels, got {value!r}")
-            if value < step:
-                raise ValueError(
-                    f"{name}={value} is too small: this model needs at least {step} px (a multiple of {step})"
-                )
-            if value % step:
-                snapped = value - value % step
-                logger.warning("%s=%d is not a multiple of %d px; using %d", name, value, step, snapped)
-                value = snapped
-            out.append(value)
-        return out[0], out[1]
+        default, step = self.settings.default_size, self.size_step
+        return _snap("height", height, step, default), _snap("width", width, step, default)
 
     def prior_latent_size(self, height: int, width: int) -> tuple[int, int]:
-        rm = self.settings.resolution_multiple
-        return math.ceil(height / rm), math.ceil(width / rm)
+        return tuple(self.prior_part.latent_shape(self.prior, 1, height, width, self.settings)[2:])
 
     # ----------------------------------------------------------------------------- text
-    def _text(self, which: str, prompts: list[str], weighting: bool, warn: bool = True) -> Tensor:
+    # fmt: off
+    def encode_prompt(
+        self, which: str, prompts: list[str] | None, negative: list[str] | None, cfg: bool, repeat: int,
+        prompt_embeds: Tensor | None = None, negative_prompt_embeds: Tensor | None = None, weighting: bool = True,
+        warn: bool = True,
+    ) -> Tensor:
+        # fmt: on
+        """Text states for one stage ("prior" or "decoder"): (B·repeat, L, D), the negatives'
+        appended when `cfg`. `warn=False`: no words-outside-the-vocabulary or truncation warnings."""
         tokenizer = self.prior_tokenizer if which == "prior" else self.tokenizer
         name = "prior_text_encoder" if which == "prior" else "text_encoder"
-        with self._placed(name) as encoder:
-            return encode_prompts(tokenizer, encoder, prompts, self._device, weighting, warn)
 
-    def encode_prompt(
-        self,
-        which: str,
-        prompts: list[str],
-        negative: list[str] | None,
-        cfg: bool,
-        repeat: int,
-        prompt_embeds: Tensor | None = None,
-        negative_prompt_embeds: Tensor | None = None,
-        weighting: bool = True,
-    ) -> Tensor:
-        """Text states for one stage: (B·repeat, L, D), with the negatives appended when `cfg`."""
-        cond = prompt_embeds if prompt_embeds is not None else self._text(which, prompts, weighting)
-        cond = cond.to(self._device).repeat_interleave(repeat, dim=0)
-        if not cfg:
-            return cond
-        if negative_prompt_embeds is None:
-            batch = cond.shape[0] // repeat
-            if negative is None:
-                negative = [""] * batch
-            elif len(negative) == 1 and batch > 1:
-                negative = negative * batch
-            elif len(negative) != batch:
-                raise ValueError(
-                    f"got {len(negative)} negative prompts for {batch} prompts: give one, or one per prompt"
-                )
-            negative_prompt_embeds = self._text(which, negative, weighting)
-        uncond = negative_prompt_embeds.to(self._device).repeat_interleave(repeat, dim=0)
-        if uncond.shape != cond.shape:
-            raise ValueError(
-                f"negative text states {tuple(uncond.shape)} do not match the prompt's {tuple(cond.shape)}"
-            )
-        return torch.cat([cond, uncond.to(cond.dtype)])
+        def encode(texts: list[str]) -> Tensor:
+            with self._placed(name) as encoder:
+                return encode_prompts(tokenizer, encoder, texts, self.device, weighting, warn)
+
+        cond = prompt_embeds if prompt_embeds is not None else encode(prompts)
+        cond = cond.to(self.device).repeat_interleave(repeat, dim=0)
+        return _with_negatives(encode, cond, negative, negative_prompt_embeds, repeat) if cfg else cond
 
     # ----------------------------------------------------------------------------- stages
-    @staticmethod
-    def _step_callback(pipe_cb: Callable | None, hook: StepHook | None, stage: str, total: int) -> Callable:
+    def _sample(self, stage: str, make_denoiser: Callable[[Callable], Denoiser], x: Tensor, times: list[float],
+                sampler: str, generator: Generator, pipe_cb: Callable | None,
+                hook: StepHook | None) -> Tensor:  # fmt: skip
+        """One stage's sampling loop, with diffusers' `callback_on_step_end(pipe, i, t, kwargs)` (which
+        may replace the latents) and our `step_hook(stage, step, total, latents)`."""
+
         def callback(i: int, t: float, x: Tensor) -> Tensor | None:
-            replaced = None
-            if pipe_cb is not None:  # diffusers' callback_on_step_end(pipe, i, t, kwargs) → kwargs
-                out = pipe_cb(None, i, torch.tensor(t), {"latents": x}) or {}
-                replaced = out.get("latents")
+            replaced = (pipe_cb(None, i, torch.tensor(t), {"latents": x}) or {}).get("latents") if pipe_cb else None
             if hook is not None:
-                hook(stage, i + 1, total, x if replaced is None else replaced)
+                hook(stage, i + 1, len(times) - 1, x if replaced is None else replaced)
             return replaced
 
-        return callback
-
-    @staticmethod
-    def make_generator(generator: Generator, seed: int | None, count: int) -> Generator:
-        """`seed` gives image i of the batch the seed `seed + i`, so each can be made again alone."""
-        if seed is not None:
-            if generator is not None:
-                raise ValueError("pass either `seed` or `generator`, not both")
-            return [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(count)]
-        if isinstance(generator, list) and len(generator) != count:
-            raise ValueError(f"got {len(generator)} generators for {count} images: give one per image")
-        return generator
+        with self._placed(stage) as run:
+            denoise = make_denoiser(run)
+            x = sample(denoise, x, times, sampler=sampler, generator=generator, s=self.settings.s, callback=callback)
+        _check_finite(x, "Stage C (prior)" if stage == "prior" else "Stage B (decoder)")
+        return x
 
     @torch.no_grad()
+    # fmt: off
     def generate_prior(
-        self,
-        prompt: str | list[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 60,
-        timesteps: Sequence[float] | None = None,
-        guidance_scale: float = 4.0,
-        negative_prompt: str | list[str] | None = None,
-        prompt_embeds: Tensor | None = None,
-        negative_prompt_embeds: Tensor | None = None,
-        num_images_per_prompt: int = 1,
-        generator: Generator = None,
-        seed: int | None = None,
-        latents: Tensor | None = None,
-        callback_on_step_end: Callable | None = None,
-        step_hook: StepHook | None = None,
-        sampler: str = "ddpm",
-        prompt_weighting: bool = True,
+        self, prompt: str | list[str] | None = None, height: int | None = None, width: int | None = None,
+        num_inference_steps: int = 60, timesteps: Sequence[float] | None = None, guidance_scale: float = 4.0,
+        negative_prompt: str | list[str] | None = None, prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None, num_images_per_prompt: int = 1, generator: Generator = None,
+        seed: int | None = None, latents: Tensor | None = None, callback_on_step_end: Callable | None = None,
+        step_hook: StepHook | None = None, sampler: str = "ddpm", prompt_weighting: bool = True,
     ) -> PriorOutput:
+        # fmt: on
         """Stage C alone: text → semantic latents, mapped (x·42 − 1) for Stage B."""
         if self.prior is None:
             raise ValueError("this pipeline has no prior (Stage C): load one to generate from text")
         prompts = _as_list(prompt, "prompt")
-        negatives = _as_list(negative_prompt, "negative_prompt")
         if prompts is not None and prompt_embeds is not None:
             raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
         if prompts is None and prompt_embeds is None:
             prompts = [""]  # unconditional
-        if (
-            isinstance(num_images_per_prompt, bool)
-            or not isinstance(num_images_per_prompt, int)
-            or num_images_per_prompt < 1
-        ):
-            raise ValueError(f"`num_images_per_prompt` must be an integer ≥ 1, got {num_images_per_prompt!r}")
+        _check_count(num_images_per_prompt)
         height, width = self.check_size(height, width)
         times = _check_steps(num_inference_steps, timesteps, "prior_timesteps")
-        cfg = guidance_scale > 1
-        batch = len(prompts) if prompts is not None else prompt_embeds.shape[0]
-        n = batch * num_images_per_prompt
-        generator = self.make_generator(generator, seed, n)
-
-        text = self.encode_prompt(
-            "prior",
-            prompts,
-            negatives,
-            cfg,
-            num_images_per_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            prompt_weighting,
-        )
-        h, w = self.prior_latent_size(height, width)
-        shape = (n, self.prior.config.c_in, h, w)
-        if latents is None:
-            x = randn(shape, generator, self._device, torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` has shape {tuple(latents.shape)}, expected {shape}")
-        else:
-            x = latents.to(self._device, torch.float32)
-
-        with self._placed("prior") as prior:
-            dtype = self.prior.projection.weight.dtype
-            kv = self.prior.condition(text.to(dtype))  # text K/V once per generation
-
-            def denoise(x: Tensor, r: Tensor) -> Tensor:
-                if not cfg:
-                    return prior(x.to(dtype), r, kv=kv).float()
-                eps_cond, eps_uncond = prior(x.to(dtype), r, kv=kv, copies=2).float().chunk(2)
-                return torch.lerp(eps_uncond, eps_cond, guidance_scale)
-
-            callback = self._step_callback(callback_on_step_end, step_hook, "prior", len(times) - 1)
-            x = sample(denoise, x, times, sampler=sampler, generator=generator, s=self.settings.s, callback=callback)
-        _check_finite(x, "Stage C (prior)")
-        st = self.settings
-        return PriorOutput(x * st.latent_mean - st.latent_std, generator)
+        n = (len(prompts) if prompts is not None else prompt_embeds.shape[0]) * num_images_per_prompt
+        generator = _generators(generator, seed, n)
+        negatives, cfg = _as_list(negative_prompt, "negative_prompt"), guidance_scale > 1
+        text = self.encode_prompt("prior", prompts, negatives, cfg, num_images_per_prompt, prompt_embeds,
+                                  negative_prompt_embeds, prompt_weighting)  # fmt: skip
+        shape = self.prior_part.latent_shape(self.prior, n, height, width, self.settings)
+        x = _noise(latents, shape, generator, self.device, "`latents`")
+        denoiser = lambda run: self.prior_part.denoiser(self.prior, run, text, guidance_scale)  # noqa: E731
+        x = self._sample("prior", denoiser, x, times, sampler, generator, callback_on_step_end, step_hook)
+        return PriorOutput(self.prior_part.to_decoder(x, self.settings), generator)
 
     @torch.no_grad()
+    # fmt: off
     def decode(
-        self,
-        image_embeddings: Tensor,
-        prompt: str | list[str] | None = None,
-        num_inference_steps: int = 12,
-        timesteps: Sequence[float] | None = None,
-        guidance_scale: float = 0.0,
-        negative_prompt: str | list[str] | None = None,
-        prompt_embeds: Tensor | None = None,
-        negative_prompt_embeds: Tensor | None = None,
-        num_images_per_prompt: int = 1,
-        generator: Generator = None,
-        seed: int | None = None,
-        latents: Tensor | None = None,
-        output_type: str = "pil",
-        callback_on_step_end: Callable | None = None,
-        step_hook: StepHook | None = None,
-        sampler: str = "ddpm",
-        prompt_weighting: bool = True,
+        self, image_embeddings: Tensor, prompt: str | list[str] | None = None, num_inference_steps: int = 12,
+        timesteps: Sequence[float] | None = None, guidance_scale: float = 0.0,
+        negative_prompt: str | list[str] | None = None, prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None, num_images_per_prompt: int = 1, generator: Generator = None,
+        seed: int | None = None, latents: Tensor | None = None, output_type: str = "pil",
+        callback_on_step_end: Callable | None = None, step_hook: StepHook | None = None, sampler: str = "ddpm",
+        prompt_weighting: bool = True, warn: bool = True,
     ) -> WuerstchenPipelineOutput:
+        # fmt: on
         """Stage B + Stage A alone: semantic latents (B, 16, h, w) → images.
 
         Each semantic latent is decoded `num_images_per_prompt` times; `prompt` is one string or
-        one per semantic latent.
+        one per semantic latent; `prompt_embeds` are text states per semantic latent.
         """
         if self.decoder is None or self.vqgan is None:
             raise ValueError("this pipeline has no decoder/VQGAN (Stage B/A): load them to decode")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
-        if (
-            isinstance(num_images_per_prompt, bool)
-            or not isinstance(num_images_per_prompt, int)
-            or num_images_per_prompt < 1
-        ):
-            raise ValueError(f"`num_images_per_prompt` must be an integer ≥ 1, got {num_images_per_prompt!r}")
-        effnet = image_embeddings.to(self._device).repeat_interleave(num_images_per_prompt, dim=0)
-        n = effnet.shape[0]
+        _check_output_type(output_type)
+        _check_count(num_images_per_prompt)
         times = _check_steps(num_inference_steps, timesteps, "decoder_timesteps")
-        cfg = guidance_scale > 1
-        generator = self.make_generator(generator, seed, n)
         per_latent = image_embeddings.shape[0]
         prompts = _as_list(prompt, "prompt")
         if prompt_embeds is None:
             prompts = prompts or [""]
-            if len(prompts) == 1:
-                prompts = prompts * per_latent
+            prompts = prompts * per_latent if len(prompts) == 1 else prompts
             if len(prompts) != per_latent:
                 raise ValueError(f"got {len(prompts)} prompts for {per_latent} semantic latents")
-        negatives = _as_list(negative_prompt, "negative_prompt")
-        text = self.encode_prompt(
-            "decoder",
-            prompts,
-            negatives,
-            cfg,
-            num_images_per_prompt,
-            prompt_embeds,
-            negative_prompt_embeds,
-            prompt_weighting,
-        )
-        st = self.settings
-        size = (int(effnet.shape[2] * st.latent_dim_scale), int(effnet.shape[3] * st.latent_dim_scale))
-        shape = (n, self.decoder.config.c_in, *size)
-        if latents is None:
-            x = randn(shape, generator, self._device, torch.float32)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"decoder `latents` has shape {tuple(latents.shape)}, expected {shape}")
-        else:
-            x = latents.to(self._device, torch.float32)
+        negatives, cfg = _as_list(negative_prompt, "negative_prompt"), guidance_scale > 1
+        text = self.encode_prompt("decoder", prompts, negatives, cfg, num_images_per_prompt, prompt_embeds,
+                                  negative_prompt_embeds, prompt_weighting, warn)  # fmt: skip
+        semantic = image_embeddings.to(self.device).repeat_interleave(num_images_per_prompt, dim=0)
+        generator = _generators(generator, seed, semantic.shape[0])
+        shape = self.decoder_part.latent_shape(self.decoder, semantic, self.settings)
+        x = _noise(latents, shape, generator, self.device, "decoder `latents`")
 
-        with self._placed("decoder") as decoder:
-            dtype = self.decoder.clip_mapper.weight.dtype
-            effnet_in = torch.cat([effnet, torch.zeros_like(effnet)]) if cfg else effnet
-            cond = self.decoder.condition(effnet_in.to(dtype), text.to(dtype), size)
+        def denoiser(run: Callable) -> Denoiser:
+            return self.decoder_part.denoiser(self.decoder, run, semantic, text, guidance_scale, shape[2:])
 
-            def denoise(x: Tensor, r: Tensor) -> Tensor:
-                if not cfg:
-                    return decoder(x.to(dtype), r, cond=cond).float()
-                eps_cond, eps_uncond = (
-                    decoder(torch.cat([x, x]).to(dtype), torch.cat([r, r]), cond=cond).float().chunk(2)
-                )
-                return torch.lerp(eps_uncond, eps_cond, guidance_scale)
-
-            callback = self._step_callback(callback_on_step_end, step_hook, "decoder", len(times) - 1)
-            x = sample(denoise, x, times, sampler=sampler, generator=generator, s=st.s, callback=callback)
-        _check_finite(x, "Stage B (decoder)")
+        x = self._sample("decoder", denoiser, x, times, sampler, generator, callback_on_step_end, step_hook)
         if output_type == "latent":
             return WuerstchenPipelineOutput(x)
         images = self.decode_latents(x)
@@ -548,39 +407,26 @@ class WuerstchenPipeline:
     @torch.no_grad()
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Stage A alone: Stage B latents (B, 4, H/4, W/4) → float32 images in [0, 1] (B, 3, H, W)."""
-        with self._placed("vqgan") as _:
-            decode = self._compiled.get("vqgan", self.vqgan.decode_latents)
-            return decode(latents.to(self._device, self.vqgan.out_block[0].weight.dtype)).float()
+        with self._placed("vqgan"):
+            decode = self.placement.compiled.get("vqgan", self.vqgan.decode_latents)
+            return decode(latents.to(self.device, self.vqgan.out_block[0].weight.dtype)).float()
 
     @torch.no_grad()
+    # fmt: off
     def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        prior_num_inference_steps: int = 60,
-        prior_timesteps: Sequence[float] | None = None,
-        prior_guidance_scale: float = 4.0,
-        num_inference_steps: int = 12,
-        decoder_timesteps: Sequence[float] | None = None,
-        decoder_guidance_scale: float = 0.0,
-        negative_prompt: str | list[str] | None = None,
-        prompt_embeds: Tensor | None = None,
-        negative_prompt_embeds: Tensor | None = None,
-        decoder_prompt_embeds: Tensor | None = None,
-        decoder_negative_prompt_embeds: Tensor | None = None,
-        num_images_per_prompt: int = 1,
-        generator: Generator = None,
-        seed: int | None = None,
-        latents: Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
-        prior_callback_on_step_end: Callable | None = None,
-        callback_on_step_end: Callable | None = None,
-        step_hook: StepHook | None = None,
-        sampler: str = "ddpm",
+        self, prompt: str | list[str] | None = None, height: int | None = None, width: int | None = None,
+        prior_num_inference_steps: int = 60, prior_timesteps: Sequence[float] | None = None,
+        prior_guidance_scale: float = 4.0, num_inference_steps: int = 12,
+        decoder_timesteps: Sequence[float] | None = None, decoder_guidance_scale: float = 0.0,
+        negative_prompt: str | list[str] | None = None, prompt_embeds: Tensor | None = None,
+        negative_prompt_embeds: Tensor | None = None, decoder_prompt_embeds: Tensor | None = None,
+        decoder_negative_prompt_embeds: Tensor | None = None, num_images_per_prompt: int = 1,
+        generator: Generator = None, seed: int | None = None, latents: Tensor | None = None, output_type: str = "pil",
+        return_dict: bool = True, prior_callback_on_step_end: Callable | None = None,
+        callback_on_step_end: Callable | None = None, step_hook: StepHook | None = None, sampler: str = "ddpm",
         prompt_weighting: bool = True,
     ) -> WuerstchenPipelineOutput | tuple:
+        # fmt: on
         """Text → images. Arguments as diffusers' `WuerstchenCombinedPipeline`, plus:
 
         - `seed`: image i of the batch gets seed `seed + i` (instead of one shared `generator`);
@@ -590,57 +436,36 @@ class WuerstchenPipeline:
         - `sampler`: "ddpm" (the reference) or "ddim" (deterministic);
         - `prompt_weighting`: understand `(word:1.3)` / `[word]` (default on).
         """
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        _check_output_type(output_type)  # before the prior runs, not after
         prior = self.generate_prior(
-            prompt=prompt,
-            height=height,
-            width=width,
-            num_inference_steps=prior_num_inference_steps,
-            timesteps=prior_timesteps,
-            guidance_scale=prior_guidance_scale,
-            negative_prompt=negative_prompt,
-            prompt_embeds=prompt_embeds,
-            negative_prompt_embeds=negative_prompt_embeds,
-            num_images_per_prompt=num_images_per_prompt,
-            generator=generator,
-            seed=seed,
-            latents=latents,
-            callback_on_step_end=prior_callback_on_step_end,
-            step_hook=step_hook,
-            sampler=sampler,
+            prompt=prompt, height=height, width=width, num_inference_steps=prior_num_inference_steps,
+            timesteps=prior_timesteps, guidance_scale=prior_guidance_scale, negative_prompt=negative_prompt,
+            prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            num_images_per_prompt=num_images_per_prompt, generator=generator, seed=seed, latents=latents,
+            callback_on_step_end=prior_callback_on_step_end, step_hook=step_hook, sampler=sampler,
             prompt_weighting=prompt_weighting,
-        )
-        # The decoder reads the same prompts, encoded once by its own text encoder and repeated for
-        # each image of a prompt (diffusers' decoder multiplies a list of prompts twice here).
+        )  # fmt: skip
+        # The decoder reads the same prompts through its own text encoder, once per prompt, repeated for
+        # each image of it (diffusers' decoder multiplies a list of prompts twice here). The prior's
+        # encoder has warned about them already (unknown words, truncation).
         n = num_images_per_prompt
         prompts = _as_list(prompt, "prompt") or [""] * (prior.image_embeddings.shape[0] // n)
-        # The prior's encoder has warned about these prompts already (unknown words, truncation).
-        warn = prompt_embeds is not None
         if decoder_prompt_embeds is None:
-            decoder_prompt_embeds = self._text("decoder", prompts, prompt_weighting, warn)
-        if decoder_guidance_scale > 1 and decoder_negative_prompt_embeds is None:
+            decoder_prompt_embeds = self.encode_prompt(
+                "decoder", prompts, None, False, 1, weighting=prompt_weighting, warn=prompt_embeds is not None
+            )
+        if decoder_negative_prompt_embeds is None and decoder_guidance_scale > 1:
             negatives = _as_list(negative_prompt, "negative_prompt") or [""]
-            negatives = negatives * len(prompts) if len(negatives) == 1 else negatives
-            decoder_negative_prompt_embeds = self._text("decoder", negatives, prompt_weighting, warn)
-        if decoder_negative_prompt_embeds is not None:
-            decoder_negative_prompt_embeds = decoder_negative_prompt_embeds.repeat_interleave(n, dim=0)
+            decoder_negative_prompt_embeds = self.encode_prompt(
+                "decoder", negatives * len(prompts) if len(negatives) == 1 else negatives, None, False, 1,
+                weighting=prompt_weighting, warn=prompt_embeds is not None,
+            )  # fmt: skip
+        neg = decoder_negative_prompt_embeds
         out = self.decode(
-            prior.image_embeddings,
-            num_inference_steps=num_inference_steps,
-            timesteps=decoder_timesteps,
-            guidance_scale=decoder_guidance_scale,
-            prompt_embeds=decoder_prompt_embeds.repeat_interleave(n, dim=0),
-            negative_prompt_embeds=decoder_negative_prompt_embeds,
-            generator=prior.generator,
-            output_type=output_type,
-            callback_on_step_end=callback_on_step_end,
-            step_hook=step_hook,
-            sampler=sampler,
-            prompt_weighting=prompt_weighting,
-        )
+            prior.image_embeddings, num_inference_steps=num_inference_steps, timesteps=decoder_timesteps,
+            guidance_scale=decoder_guidance_scale, prompt_embeds=decoder_prompt_embeds.repeat_interleave(n, dim=0),
+            negative_prompt_embeds=None if neg is None else neg.repeat_interleave(n, dim=0),
+            generator=prior.generator, output_type=output_type, callback_on_step_end=callback_on_step_end,
+            step_hook=step_hook, sampler=sampler, prompt_weighting=prompt_weighting,
+        )  # fmt: skip
         return out if return_dict else (out.images,)
-
-    def with_settings(self, **changes: Any) -> WuerstchenPipeline:
-        self.settings = replace(self.settings, **changes)
-        return self

@@ -1,0 +1,99 @@
+"""What one Würstchen generation is made of, as the pipeline composes it: per stage, how its
+conditions are prepared once per generation, what shape its latents have, how it is guided, and how
+its result maps to the next stage. `WuerstchenPipeline` runs the parts in order (encode text →
+Stage C → map → Stage B → Stage A); a second generation is a second set of parts, not branches in
+the pipeline.
+
+    denoise = PRIOR_V2.denoiser(prior, text_states, guidance_scale=4.0)   # x, r → ε
+    x = sample(denoise, noise, times)
+    semantic = PRIOR_V2.to_decoder(x, settings)                          # x · 42 − 1
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .models.stage_b import StageB
+from .models.stage_c import StageC
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x, r) → ε, float32
+
+
+@dataclass(frozen=True)
+class PipelineSettings:
+    """How the stages fit together (diffusers keeps these in `model_index.json`)."""
+
+    latent_mean: float = 42.0  # diffusers' name for a scale: prior latents are trained on (x + 1) / 42 ...
+    latent_std: float = 1.0  # ... and diffusers' name for a shift: they map back to x · 42 − 1
+    resolution_multiple: float = 42.67  # image side / Stage C latent side
+    latent_dim_scale: float = 10.67  # Stage B latent side / Stage C latent side
+    s: float = 0.008  # cosine-schedule offset of both schedulers
+    default_size: int = 1024  # the size the weights were trained at
+
+
+def guided(model_out: Callable[[Tensor, Tensor], Tensor], guidance_scale: float) -> Denoiser:
+    """Classifier-free guidance over a model call that returns [cond; uncond] stacked on the batch:
+    `lerp(uncond, cond, w)`; without guidance (w ≤ 1) the call returns the conditioned rows only."""
+    if guidance_scale <= 1:
+        return lambda x, r: model_out(x, r).float()
+
+    def denoise(x: Tensor, r: Tensor) -> Tensor:
+        eps_cond, eps_uncond = model_out(x, r).float().chunk(2)
+        return torch.lerp(eps_uncond, eps_cond, guidance_scale)
+
+    return denoise
+
+
+class PriorV2:
+    """Stage C of Würstchen v2: CLIP text states → a 16-channel semantic latent at 1/42.67 of the
+    image side. The text K/V of every attention block is computed once per generation; with CFG the
+    latent enters once for both halves (`copies=2`)."""
+
+    def latent_shape(self, model: StageC, n: int, height: int, width: int, st: PipelineSettings) -> tuple[int, ...]:
+        return (
+            n,
+            model.config.c_in,
+            math.ceil(height / st.resolution_multiple),
+            math.ceil(width / st.resolution_multiple),
+        )
+
+    def denoiser(self, model: StageC, run: nn.Module, text: Tensor, guidance_scale: float) -> Denoiser:
+        """`run` is the module to call (the model itself, or its compiled form)."""
+        dtype = model.projection.weight.dtype
+        kv = model.condition(text.to(dtype))
+        copies = 2 if guidance_scale > 1 else 1
+        return guided(lambda x, r: run(x.to(dtype), r, kv=kv, copies=copies), guidance_scale)
+
+    def to_decoder(self, x: Tensor, st: PipelineSettings) -> Tensor:
+        """Prior space → the semantic latent Stage B reads (x · 42 − 1 for the official weights)."""
+        return x * st.latent_mean - st.latent_std
+
+
+class DecoderV2:
+    """Stage B of Würstchen v2: semantic latent + CLIP text states → Stage A latent, 10.67× the
+    semantic side. Its conditioning (text K/V, the semantic latent resized to every level) is
+    computed once per generation; CFG runs both halves in one batch, the unconditioned half with
+    a zeroed semantic latent."""
+
+    def latent_shape(self, model: StageB, semantic: Tensor, st: PipelineSettings) -> tuple[int, ...]:
+        h, w = (int(side * st.latent_dim_scale) for side in semantic.shape[2:])
+        return (semantic.shape[0], model.config.c_in, h, w)
+
+    def denoiser(self, model: StageB, run: nn.Module, semantic: Tensor, text: Tensor, guidance_scale: float,
+                 size: tuple[int, int]) -> Denoiser:  # fmt: skip
+        dtype = model.clip_mapper.weight.dtype
+        cfg = guidance_scale > 1
+        effnet = torch.cat([semantic, torch.zeros_like(semantic)]) if cfg else semantic
+        cond = model.condition(effnet.to(dtype), text.to(dtype), size)
+        if not cfg:
+            return guided(lambda x, r: run(x.to(dtype), r, cond=cond), guidance_scale)
+        return guided(lambda x, r: run(torch.cat([x, x]).to(dtype), torch.cat([r, r]), cond=cond), guidance_scale)
+
+
+PRIOR_V2 = PriorV2()
+DECODER_V2 = DecoderV2()
