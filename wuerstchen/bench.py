@@ -15,7 +15,6 @@ and the outputs' differences. It needs diffusers installed (the reference; `pip 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -25,6 +24,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,28 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .pipeline import WuerstchenPipeline
 from .sampling import DEFAULT_STAGE_C_TIMESTEPS
+
+
+@dataclass
+class BenchOptions:
+    """What to measure (the `wuerstchen bench` flags)."""
+
+    preset: str = "medium"  # model config of the random-weight pipeline: medium or tiny
+    size: int = 512  # image side in pixels
+    decoder_steps: int = 12
+    repeats: int = 2  # timed runs of each implementation, alternating
+    warmup: int = 1  # untimed runs first
+    threads: int | None = None  # torch threads (None: torch's choice)
+    compile: bool = True  # also the torch.compile rows
+    paper: bool = False  # also FLOPs per 1024² image: Würstchen v2 vs SDXL
+    official: bool = False  # ours alone on the official-size config
+    dtype: str = "bfloat16"  # with `official`
+    shipped: bool = False  # the shipped small model: s/image, bf16 vs fp32 PSNR
+    model: str | None = None  # with `shipped`: another model folder
+    images: int = 24  # with `shipped`: prompts for the bf16 vs fp32 PSNR
+    child: str | None = None  # internal: measure one implementation in this fresh process
+    folder: str | None = None  # internal: the child's model folder
+
 
 PROMPT = "a red circle above a blue square"
 STAGES = ("prior", "decoder", "vqgan")
@@ -273,7 +295,7 @@ def _peak_rss_kib() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
-def child_main(args: argparse.Namespace) -> None:
+def child_main(args: BenchOptions) -> None:
     """In a fresh process: load one implementation, generate once, print load time and peak RSS."""
     torch.set_num_threads(args.threads)
     # Import what either side needs before the clock starts: load time is reading weights.
@@ -298,8 +320,8 @@ def child_main(args: argparse.Namespace) -> None:
     print(json.dumps({"load_s": load, "load_mib": (after_load - base) / 1024, "peak_mib": (peak - base) / 1024}))
 
 
-def measure_in_child(which: str, folder: Path, args: argparse.Namespace) -> dict[str, float]:
-    cmd = [sys.executable, "-m", "wuerstchen.bench", "--child", which, "--folder", str(folder), "--size",
+def measure_in_child(which: str, folder: Path, args: BenchOptions) -> dict[str, float]:
+    cmd = [sys.executable, "-m", "wuerstchen", "bench", "--child", which, "--folder", str(folder), "--size",
            str(args.size), "--decoder-steps", str(args.decoder_steps), "--threads", str(args.threads)]  # fmt: skip
     out = subprocess.run(
         cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
@@ -377,7 +399,7 @@ def official_pipeline(dtype: torch.dtype) -> WuerstchenPipeline:
     )
 
 
-def official_main(args: argparse.Namespace) -> int:
+def official_main(args: BenchOptions) -> int:
     """Ours alone at the official size: seconds per image and achieved GFLOP/s."""
     dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
     size, times = args.size, DEFAULT_STAGE_C_TIMESTEPS
@@ -398,7 +420,7 @@ def official_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def shipped_main(args: argparse.Namespace) -> int:
+def shipped_main(args: BenchOptions) -> int:
     """The shipped small model (or --model) at its native size with the default sampling settings
     (DEFAULT_STAGE_C_TIMESTEPS, CFG 4, decoder 12 steps): seconds per image in float32 and bfloat16,
     and how far the bfloat16 images are from the float32 ones (PSNR, same seeds)."""
@@ -437,7 +459,7 @@ def shipped_main(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(args: argparse.Namespace) -> int:
+def main(args: BenchOptions) -> int:
     if args.threads is None:
         args.threads = torch.get_num_threads()
     if args.child:
@@ -446,14 +468,20 @@ def main(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     print_machine(args.threads)
     if args.official:
-        torch.set_num_threads(args.threads)
         return official_main(args)
     if args.shipped:
-        torch.set_num_threads(args.threads)
         return shipped_main(args)
+    import importlib.util
+
     from .testing import random_pipeline
 
-    torch.set_num_threads(args.threads)
+    if importlib.util.find_spec("diffusers") is None:
+        from .errors import UserError
+
+        raise UserError(
+            "wuerstchen bench compares with diffusers' pipeline, which is not installed: pip install "
+            "'diffusers==0.42.1' (it comes with the test extra), or use --shipped / --official, which need none"
+        )
     size, decoder_steps, times = args.size, args.decoder_steps, DEFAULT_STAGE_C_TIMESTEPS
     print(f"# Würstchen inference benchmark: {args.preset} config, {size}×{size}, prior {len(times) - 1} steps "
           f"(DEFAULT_STAGE_C_TIMESTEPS) CFG 4, decoder {decoder_steps} steps, {args.threads} threads, "
@@ -548,11 +576,3 @@ def main(args: argparse.Namespace) -> int:
               f"(prior 29 steps CFG + decoder 12 + VQGAN), SDXL UNet 50 steps CFG {sdxl / 1e12:.0f} TFLOP: "
               f"{sdxl / w:.1f}× more")  # fmt: skip
     return 0
-
-
-if __name__ == "__main__":
-    from .commands.bench import add_arguments
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    sys.exit(main(parser.parse_args()))

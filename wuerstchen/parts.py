@@ -35,6 +35,10 @@ class PipelineSettings:
     s: float = 0.008  # cosine-schedule offset of both schedulers
     default_size: int = 1024  # the size the weights were trained at
 
+    def prior_side(self, hw: tuple[int, ...]) -> tuple[int, int]:
+        """Image (height, width) in px → the Stage C latent's: ⌈side / 42.67⌉ for the official weights."""
+        return math.ceil(hw[0] / self.resolution_multiple), math.ceil(hw[1] / self.resolution_multiple)
+
 
 def guided(model_out: Callable[[Tensor, Tensor], Tensor], guidance_scale: float) -> Denoiser:
     """Classifier-free guidance over a model call that returns [cond; uncond] stacked on the batch:

@@ -202,7 +202,7 @@ class WuerstchenPipeline:
         """Load a diffusers-format folder or hub id (see `wuerstchen.io.folders.load_pipeline`)."""
         from .io.folders import load_pipeline
 
-        return load_pipeline(path_or_id, prior=prior, **kwargs)
+        return load_pipeline(cls, path_or_id, prior=prior, **kwargs)
 
     def save_pretrained(self, folder: str | Path) -> None:
         """Write the combined diffusers layout (`prior_prior/`, `decoder/`, `vqgan/`, ...)."""

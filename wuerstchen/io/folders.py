@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -25,7 +25,10 @@ from ..hardware import resolve_dtype
 from ..models.stage_a import StageA
 from ..models.stage_b import StageB
 from ..models.stage_c import StageC
-from ..pipeline import PipelineSettings, WuerstchenPipeline
+from ..parts import PipelineSettings
+
+if TYPE_CHECKING:  # the pipeline class comes in as an argument: the pipeline module imports this one
+    from ..pipeline import WuerstchenPipeline
 from .checkpoint import load_model, read_json, save_model, write_json
 
 logger = logging.getLogger(__name__)
@@ -126,13 +129,15 @@ def _scheduler_s(folder: Path) -> float | None:
 
 
 def load_pipeline(
+    cls: type[WuerstchenPipeline],
     path_or_id: str | Path,
     prior: str | Path | None = None,
     torch_dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
 ) -> WuerstchenPipeline:
-    """Load a combined folder, or a decoder folder (+ `prior`), or a prior folder alone.
+    """Load a combined folder, or a decoder folder (+ `prior`), or a prior folder alone, as a `cls`
+    (`WuerstchenPipeline.from_pretrained` passes itself).
 
     With the official decoder repo id and no `prior`, the official prior repo is used. The dtype is
     float32 unless asked (as diffusers, whatever the files hold); `"auto"` picks the precision the
@@ -206,7 +211,7 @@ def load_pipeline(
 
         parts["semantic"] = load_model(SemanticCompressor, root / "semantic", dtype)
     known = {f for f in PipelineSettings.__dataclass_fields__}
-    pipe = WuerstchenPipeline(
+    pipe = cls(
         prior=parts.get("prior"),
         prior_text_encoder=parts.get("prior_text_encoder"),
         prior_tokenizer=parts.get("prior_tokenizer"),

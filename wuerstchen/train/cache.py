@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -33,20 +34,16 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from ..io.checkpoint import load_tensors, save_tensors
-from ..models.text import encode_prompts
+from .config import StageCTrainConfig
 from .data import BucketBatchSampler, SkipLog, make_loader
-
-if TYPE_CHECKING:
-    from .stages import StageCTask
 
 logger = logging.getLogger(__name__)
 
 CACHE_FORMAT = "wuerstchen-stage-c-cache/1"
 
 
-def fingerprint(task: StageCTask) -> dict[str, Any]:
+def fingerprint(cfg: StageCTrainConfig, resolution_multiple: float) -> dict[str, Any]:
     """What the cached tensors depend on; a cache is reused only when all of it matches."""
-    cfg = task.cfg
     data = str(Path(cfg.data).resolve()) if cfg.data and Path(cfg.data).exists() else cfg.data
     return {
         "data": data,
@@ -55,27 +52,32 @@ def fingerprint(task: StageCTask) -> dict[str, Any]:
         "holdout": cfg.holdout if not cfg.eval_data else 0,
         "text_encoder": cfg.text_encoder or cfg.init_from or cfg.pipeline,
         "semantic": cfg.semantic or cfg.init_from or cfg.pipeline,
-        "resolution_multiple": task.settings.resolution_multiple,
+        "resolution_multiple": resolution_multiple,
     }
 
 
 @torch.no_grad()
-def build_cache(task: StageCTask, path: Path) -> None:
-    """Run the frozen encoders over the task's data once and write the cache file atomically."""
-    from .stages import _latent_side
-
-    cfg, device = task.cfg, task.device
-    semantic, _ = task.load_semantic()
+def build_cache(
+    path: Path,
+    source: Dataset,
+    encode_text: Callable[[list[str]], Tensor],
+    encode_semantic: Callable[[Tensor], Tensor],
+    device: torch.device,
+    cfg: StageCTrainConfig,
+    expected: dict[str, Any],
+) -> None:
+    """Run the frozen encoders over `source` (a data set with a skip log) once and write the cache
+    file atomically: `encode_text(captions)` → (B, 77, D) text states, `encode_semantic(images)` →
+    (B, 16, h, w) semantic latents; `expected` is the fingerprint stored with it."""
     dtype = torch.bfloat16 if cfg.cache_dtype == "bfloat16" else torch.float32
-    loader = make_loader(task.source, cfg.batch_size, cfg.num_workers, seed=0, shuffle=False, drop_last=False)
+    loader = make_loader(source, cfg.batch_size, cfg.num_workers, seed=0, shuffle=False, drop_last=False)
     loader.set_epoch(0)
     texts: list[Tensor] = []
     shapes: dict[tuple[int, ...], list[Tensor]] = {}
     index: list[list[Any]] = []
     for batch in tqdm(loader, desc="caching text states and semantic latents", disable=None if cfg.progress else True):
-        images = batch["image"].to(device)
-        texts.append(encode_prompts(task.tokenizer, task.text_encoder, batch["caption"], device, weighting=False).cpu())
-        latents = semantic.encode(images, size=_latent_side(images.shape[-2:], task.settings))
+        texts.append(encode_text(batch["caption"]).cpu())
+        latents = encode_semantic(batch["image"].to(device))
         shape = tuple(latents.shape[1:])
         rows = shapes.setdefault(shape, [])
         shape_id, start = list(shapes).index(shape), sum(len(r) for r in rows)
@@ -84,18 +86,17 @@ def build_cache(task: StageCTask, path: Path) -> None:
         rows.append(latents.cpu())
     if not index:
         raise ValueError(f"{cfg.data}: no items to cache")
-    empty = encode_prompts(task.tokenizer, task.text_encoder, [""], device, weighting=False)[0]
-    tensors = {"text": torch.cat(texts).to(dtype), "empty_text": empty.to(dtype)}
+    tensors = {"text": torch.cat(texts).to(dtype), "empty_text": encode_text([""])[0].to(dtype)}
     for i, rows in enumerate(shapes.values()):
         tensors[f"semantic.{i}"] = torch.cat(rows).to(dtype)
     metadata = {
         "format": CACHE_FORMAT,
         "index": json.dumps(index),
-        "skipped": json.dumps(task.source.skipped_keys),
-        "fingerprint": json.dumps(fingerprint(task)),
+        "skipped": json.dumps(source.skipped_keys),
+        "fingerprint": json.dumps(expected),
     }
     save_tensors(tensors, path, metadata=metadata)
-    logger.info("cached %d items in %s; %s", len(index), path, task.source.log_skipped())
+    logger.info("cached %d items in %s; %s", len(index), path, source.log_skipped())
 
 
 class StageCCache(SkipLog, Dataset):
@@ -161,15 +162,15 @@ def cache_loader(cache: StageCCache, batch_size: int, seed: int, rank: int = 0, 
     return CacheLoader(cache, sampler, seed)
 
 
-def ensure_cache(task: StageCTask, path: Path) -> StageCCache:
-    """Open the cache at `path`, building it first (on rank 0; the others wait) when it is missing."""
+def ensure_cache(path: Path, expected: dict[str, Any], build: Callable[[], None]) -> StageCCache:
+    """Open the cache at `path`, calling `build()` first (on rank 0; the others wait) when it is
+    missing; a cache whose fingerprint is not `expected` is refused."""
     import torch.distributed as dist
 
-    expected = fingerprint(task)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if not path.exists() and rank == 0:
         logger.info("building the Stage C cache %s", path)
-        build_cache(task, path)
+        build()
     if dist.is_initialized():
         dist.barrier()
     return StageCCache(path, expected)

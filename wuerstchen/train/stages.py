@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
@@ -354,9 +353,13 @@ class Stage:
             )
         return model.to(self.device).eval().requires_grad_(False), True
 
+    def encode_captions(self, captions: list[str]) -> Tensor:
+        """Captions → the frozen text encoder's states, as training sees them (no prompt weighting)."""
+        return encode_prompts(self.tokenizer, self.text_encoder, captions, self.device, weighting=False)
+
     def encode_text(self, captions: list[str], drop: Tensor) -> Tensor:
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
-        return encode_prompts(self.tokenizer, self.text_encoder, captions, self.device, weighting=False).float()
+        return self.encode_captions(captions).float()
 
     # -- data ---------------------------------------------------------------------------------
     def _make_source(self) -> FolderDataset | WebDatasetSource:
@@ -450,10 +453,6 @@ def _official_init(model: nn.Module) -> nn.Module:
     return model
 
 
-def _latent_side(hw: tuple[int, ...], settings: PipelineSettings) -> tuple[int, int]:
-    return math.ceil(hw[0] / settings.resolution_multiple), math.ceil(hw[1] / settings.resolution_multiple)
-
-
 def save_grid(rows: list[list[Image.Image]], path: Path) -> None:
     """Rows of equally sized images → one PNG, written atomically."""
     w, h = rows[0][0].size
@@ -489,9 +488,17 @@ class StageCTask(Stage):
         self.tokenizer, self.text_encoder = self.load_text(("prior_", ""))
         self.cache = None
         if cfg.cache:
-            from .cache import ensure_cache
+            from .cache import build_cache, ensure_cache, fingerprint
 
-            self.cache = ensure_cache(self, Path(cfg.cache))
+            path, expected = Path(cfg.cache), fingerprint(cfg, self.settings.resolution_multiple)
+
+            def build() -> None:
+                semantic, _ = self.load_semantic()
+                build_cache(path, self.source, self.encode_captions,
+                            lambda images: semantic.encode(images, size=self.settings.prior_side(images.shape[-2:])),
+                            self.device, cfg, expected)  # fmt: skip
+
+            self.cache = ensure_cache(path, expected, build)
             self.semantic, self.semantic_shipped = None, False
         else:
             self.semantic, self.semantic_shipped = self.load_semantic()
@@ -518,7 +525,7 @@ class StageCTask(Stage):
         else:
             images = batch["image"].to(self.device)
             text = self.encode_text(batch["caption"], drop)
-            semantic = self.semantic.encode(images, size=_latent_side(images.shape[-2:], self.settings)).float()
+            semantic = self.semantic.encode(images, size=self.settings.prior_side(images.shape[-2:])).float()
         st = self.settings
         x0 = (semantic + st.latent_std) / st.latent_mean  # the prior's space; sampled latents map back x·42 − 1
         t = sample_t(n, generator)
@@ -634,7 +641,7 @@ class StageBTask(Stage):
         if not items or not _step_ok(self, pipe):
             return {}
         images = _images(items, self.device)
-        effnet = semantic.encode(images, size=_latent_side(images.shape[-2:], self.settings))
+        effnet = semantic.encode(images, size=self.settings.prior_side(images.shape[-2:]))
         pipe.to(self.device)
         out = pipe.decode(
             effnet, prompt=[item["caption"] for item in items], num_inference_steps=self.cfg.sample_steps,
