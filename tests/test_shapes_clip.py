@@ -13,7 +13,7 @@ import torch
 from tolerance import rel_err
 from transformers import AutoTokenizer, CLIPModel, CLIPTextModel
 
-from wuerstchen.shapes.clip import (
+from recipes.shapes.clip import (
     CONFIGS,
     _contrastive,
     _embed,
@@ -24,7 +24,7 @@ from wuerstchen.shapes.clip import (
     twin,
     twin_kind,
 )
-from wuerstchen.shapes.tokenizer import BOS, EOS, PAD, UNK, build_tokenizer, unknown_words
+from recipes.shapes.tokenizer import BOS, EOS, PAD, UNK, build_tokenizer, unknown_words
 from wuerstchen.shapes.world import HELDOUT_PAIRS, caption, eval_prompts, relation_of, sample_scene, vocabulary
 
 PROMPTS = [
@@ -206,9 +206,9 @@ def test_short_training_lowers_loss_and_writes_a_text_encoder(tokenizer, tmp_pat
 
 
 def test_semantic_clip_sees_images_through_the_compressor(tokenizer, tmp_path):
+    from recipes.shapes.clip import render_size, vision_input
     from wuerstchen.io.checkpoint import load_model, save_model
     from wuerstchen.models.semantic import SEMANTIC_PRESETS, SemanticCompressor
-    from wuerstchen.shapes.clip import render_size, vision_input
 
     torch.manual_seed(0)
     save_model(SemanticCompressor(SEMANTIC_PRESETS["small"]).eval(), tmp_path / "semantic")

@@ -10,9 +10,9 @@ import json
 
 import torch
 
+from recipes.shapes.compressor import HEAD_PARTS, LabelHead, accuracies, label_loss, labels, train_compressor
 from wuerstchen.io.checkpoint import load_model
 from wuerstchen.models.semantic import SemanticCompressor
-from wuerstchen.shapes.compressor import HEAD_PARTS, LabelHead, accuracies, label_loss, labels, train_compressor
 from wuerstchen.shapes.world import BACKGROUNDS, COLOURS, SHAPES, Obj, Scene
 
 

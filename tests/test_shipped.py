@@ -126,7 +126,7 @@ def test_eval_command(tmp_path, capsys):
 
 def test_recipe_runs_end_to_end(tmp_path):
     """Every step of the recipe at a few optimizer steps: the commands stay runnable and resumable."""
-    from wuerstchen.shapes import recipe
+    from recipes.shapes import recipe
 
     out, dest = tmp_path / "run", tmp_path / "shipped"
     steps = {"a": 2, "semantic": 2, "b": 2, "c": 2}

@@ -92,7 +92,7 @@ SEMANTIC_PRESETS: dict[str, SemanticConfig] = {
         ),
         c_features=64,
     ),
-    # The shipped small model's (wuerstchen.shapes.recipe): stride 16, so a 128 px image gives the
+    # The shipped small model's (recipes.shapes.recipe): stride 16, so a 128 px image gives the
     # 8 × 8 latent of its Stage C; ~0.2M parameters, trained jointly with Stage B.
     "small": SemanticConfig(
         stages=(

@@ -1,14 +1,14 @@
 """A small CLIP trained contrastively on the shapes world; its text tower conditions both stages.
 
     # the shipped model's (the recipe's clip step): the vision tower reads the frozen semantic compressor
-    python -m wuerstchen.shapes.clip --out runs/shapes/clip --config semantic \
+    python -m recipes.shapes.clip --out runs/shapes/clip --config semantic \
         --semantic runs/shapes/semantic/semantic --steps 1500 --twins 1 --bf16   # ~10 min on 2 CPU cores
     # a plain CLIP on 64 px pixels
-    python -m wuerstchen.shapes.clip --out runs/shapes-clip --steps 600
+    python -m recipes.shapes.clip --out runs/shapes-clip --steps 600
 
 or from Python:
 
-    from wuerstchen.shapes.clip import train_clip
+    from recipes.shapes.clip import train_clip
     metrics = train_clip("runs/shapes-clip", steps=600)
 
 writes
@@ -54,8 +54,9 @@ from PIL import Image
 from torch import Tensor, nn
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel
 
+from wuerstchen.shapes.world import HELDOUT_PAIRS, SHAPES, Scene, ShapesDataset, caption, render, sample_scene
+
 from .tokenizer import build_tokenizer
-from .world import HELDOUT_PAIRS, SHAPES, Scene, ShapesDataset, caption, render, sample_scene
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,8 +153,8 @@ def vision_input(model: CLIPModel, images: list[Image.Image], semantic: nn.Modul
 
 def load_compressor(folder: str | Path) -> nn.Module:
     """A saved SemanticCompressor, frozen, for `vision_input`."""
-    from ..io.checkpoint import load_model
-    from ..models.semantic import SemanticCompressor
+    from wuerstchen.io.checkpoint import load_model
+    from wuerstchen.models.semantic import SemanticCompressor
 
     return load_model(SemanticCompressor, folder).eval().requires_grad_(False)
 
@@ -521,7 +522,7 @@ def _save(model: CLIPModel, opt: torch.optim.Optimizer, step: int, metrics: dict
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m wuerstchen.shapes.clip", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m recipes.shapes.clip", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, help="output folder (text_encoder/, tokenizer/, clip/)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--batch-size", type=int, default=64)

@@ -1,6 +1,6 @@
 """The shipped model's semantic compressor, trained on the shapes world's labels and then frozen.
 
-    python -m wuerstchen.shapes.compressor --out runs/shapes/semantic --steps 1500
+    python -m recipes.shapes.compressor --out runs/shapes/semantic --steps 1500
 
 writes
     OUT/semantic/   the compressor (SemanticCompressor, "small" preset: 128 px → 8 × 8 × 16): what the
@@ -34,9 +34,9 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor, nn
 
-from ..io.checkpoint import atomic_path, save_model, write_json
-from ..models.semantic import SEMANTIC_PRESETS, SemanticCompressor
-from .world import BACKGROUNDS, COLOURS, SHAPES, SIZES, Scene, ShapesDataset, draw_shape
+from wuerstchen.io.checkpoint import atomic_path, save_model, write_json
+from wuerstchen.models.semantic import SEMANTIC_PRESETS, SemanticCompressor
+from wuerstchen.shapes.world import BACKGROUNDS, COLOURS, SHAPES, SIZES, Scene, ShapesDataset, draw_shape
 
 SUB = 4  # sub-blocks per cell side in the silhouette map
 NOISE = 0.2  # std of the noise on the latent before the head
@@ -210,7 +210,7 @@ def train_compressor(
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m wuerstchen.shapes.compressor", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m recipes.shapes.compressor", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=32)

@@ -1,6 +1,6 @@
 """A word-level tokenizer over the shapes world's vocabulary, with CLIP's conventions.
 
-    from wuerstchen.shapes.tokenizer import build_tokenizer, unknown_words
+    from recipes.shapes.tokenizer import build_tokenizer, unknown_words
     tok = build_tokenizer()                      # a transformers PreTrainedTokenizerFast, 77 tokens
     tok("A red circle", padding="max_length", max_length=77, truncation=True)
     tok.save_pretrained("out/tokenizer")         # AutoTokenizer.from_pretrained("out/tokenizer") reads it back
@@ -22,8 +22,8 @@ from __future__ import annotations
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, processors
 from transformers import PreTrainedTokenizerFast
 
-from ..models.text import unknown_words
-from .world import vocabulary
+from wuerstchen.models.text import unknown_words
+from wuerstchen.shapes.world import vocabulary
 
 __all__ = ["BOS", "EOS", "PAD", "UNK", "build_tokenizer", "unknown_words"]
 

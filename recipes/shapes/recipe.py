@@ -1,7 +1,7 @@
 """The recipe of the shipped small model: the shapes world → Stage A, compressor → CLIP → Stage B, C.
 
-    python -m wuerstchen.shapes.recipe --out runs/shapes                 # all steps; rerun to resume
-    python -m wuerstchen.shapes.recipe --out runs/shapes --ship wuerstchen/assets/small
+    python -m recipes.shapes.recipe --out runs/shapes                 # all steps; rerun to resume
+    python -m recipes.shapes.recipe --out runs/shapes --ship wuerstchen/assets/small
 
 The training steps are the project's own `wuerstchen train`; the recipe writes each one's options to
 OUT/configs/{a,b,c}.json first, so a step can also be run (or resumed) by hand:
@@ -43,8 +43,9 @@ from typing import Any
 
 import torch
 
-from ..io.checkpoint import write_json
+from wuerstchen.io.checkpoint import write_json
 
+ROOT = Path(__file__).resolve().parents[2]  # the repository (recipes/ sits beside wuerstchen/)
 SIZE = 128
 # How the stages fit together (the pipeline's settings, model_index.json).
 SETTINGS = {
@@ -129,7 +130,7 @@ def _mark(out: Path, step: str, info: dict[str, Any]) -> None:
 
 def render_data(out: Path, n_train: int, n_eval: int, seed: int, log: Callable[[str], None]) -> None:
     """Renders of the world as an image folder (000123.png + 000123.txt): the training code's input."""
-    from .world import write_folder
+    from wuerstchen.shapes.world import write_folder
 
     for name, split, n in (("data", "train", n_train), ("eval", "heldout", n_eval)):
         t0 = time.perf_counter()
@@ -138,8 +139,8 @@ def render_data(out: Path, n_train: int, n_eval: int, seed: int, log: Callable[[
 
 
 def train_stage(out: Path, stage: str, options: dict[str, Any]) -> dict[str, Any]:
-    from ..train.config import build_config
-    from ..train.loop import train
+    from wuerstchen.train.config import build_config
+    from wuerstchen.train.loop import train
 
     cfg = build_config(stage, options, source=str(out / "configs" / f"{stage}.json"))
     t0 = time.perf_counter()
@@ -154,11 +155,11 @@ def make_parts(out: Path, log: Callable[[str], None]) -> None:
     this model's settings."""
     from transformers import AutoTokenizer, CLIPTextModel
 
-    from ..io.checkpoint import load_model
-    from ..models.semantic import SemanticCompressor
-    from ..models.stage_a import StageA
-    from ..pipeline import PipelineSettings, WuerstchenPipeline
-    from ..train.data import FolderDataset
+    from wuerstchen.io.checkpoint import load_model
+    from wuerstchen.models.semantic import SemanticCompressor
+    from wuerstchen.models.stage_a import StageA
+    from wuerstchen.pipeline import PipelineSettings, WuerstchenPipeline
+    from wuerstchen.train.data import FolderDataset
 
     vqgan = load_model(StageA, out / "a" / "vqgan").eval()
     data = FolderDataset(out / "data", SIZE)
@@ -178,7 +179,7 @@ def make_parts(out: Path, log: Callable[[str], None]) -> None:
 
 def ship(out: Path, dest: Path, limit_mb: float, log: Callable[[str], None]) -> None:
     """Copy the trained pipeline to `dest`; store float16 weights if float32 would exceed `limit_mb`."""
-    from ..pipeline import WuerstchenPipeline
+    from wuerstchen.pipeline import WuerstchenPipeline
 
     src = out / "final"
     size = sum(f.stat().st_size for f in src.rglob("*") if f.is_file()) / 2**20
@@ -196,10 +197,10 @@ def ship(out: Path, dest: Path, limit_mb: float, log: Callable[[str], None]) -> 
 
 def assemble_final(out: Path, log: Callable[[str], None]) -> None:
     """OUT/final/: the frozen parts (OUT/parts) with the prior of OUT/c and the decoder of OUT/b."""
-    from ..io.checkpoint import load_model
-    from ..models.stage_b import StageB
-    from ..models.stage_c import StageC
-    from ..pipeline import WuerstchenPipeline
+    from wuerstchen.io.checkpoint import load_model
+    from wuerstchen.models.stage_b import StageB
+    from wuerstchen.models.stage_c import StageC
+    from wuerstchen.pipeline import WuerstchenPipeline
 
     pipe = WuerstchenPipeline.from_pretrained(out / "parts")
     pipe.prior = load_model(StageC, out / "c" / "prior")
@@ -211,7 +212,7 @@ def assemble_final(out: Path, log: Callable[[str], None]) -> None:
 def _side_command(out: Path, step: str, steps: dict[str, int], seed: int, device: str) -> list[str]:
     """The command that runs `step` in a process of its own."""
     if step == "semantic":
-        return [sys.executable, "-m", "wuerstchen.shapes.compressor", "--out", str(out / "semantic"), "--steps",
+        return [sys.executable, "-m", "recipes.shapes.compressor", "--out", str(out / "semantic"), "--steps",
                 str(steps["semantic"]), "--seed", str(seed), "--device", device]  # fmt: skip
     config = out / "configs" / f"{step}.json"
     return [sys.executable, "-m", "wuerstchen", "train", TRAINS[step], "--config", str(config), "--resume"]
@@ -271,7 +272,9 @@ def run(
         job = None
         if beside is not None and not _done(out, beside):
             cmd = _side_command(out, beside, steps, seed, "cpu" if on_cpu else (device or "cuda"))
-            env = {**os.environ, "OMP_NUM_THREADS": "1"} if on_cpu else None
+            # The repository root on the path: the side step may be this folder's compressor trainer.
+            path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+            env = {**os.environ, "PYTHONPATH": path, **({"OMP_NUM_THREADS": "1"} if on_cpu else {})}
             log(f"{beside}: " + " ".join(cmd[1:]))
             t0 = time.perf_counter()
             job = subprocess.Popen(cmd, env=env)
@@ -299,7 +302,7 @@ def _finish(out: Path, step: str, job: subprocess.Popen, t0: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m wuerstchen.shapes.recipe", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m recipes.shapes.recipe", description=__doc__.split("\n")[0])
     p.add_argument("--out", required=True, type=Path, help="run folder (data, stages, checkpoints)")
     p.add_argument("--images", type=int, default=30_000, help="training renders")
     p.add_argument("--clip-steps", type=int, default=CLIP_STEPS)
