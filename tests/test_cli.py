@@ -119,3 +119,28 @@ def test_user_mistakes_are_one_line_and_exit_2(tiny_folder: Path, tmp_path: Path
 def test_serve_parses_its_options(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
     assert args.run.__module__ == "wuerstchen.commands.serve" and args.max_images == 8 and args.offload == "none"
+
+
+def test_only_user_mistakes_are_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    # A check's UserError is one line and exit 2; anything else (a bug, a library's own ValueError)
+    # keeps its traceback, so it is never mistaken for a typo.
+    from wuerstchen import cli
+    from wuerstchen.commands import generate
+    from wuerstchen.errors import UserError
+
+    def mistake(_args: argparse.Namespace) -> int:
+        raise UserError("--width 100 is not a multiple of 16 px")
+
+    monkeypatch.setattr(generate, "run", mistake)
+    with pytest.raises(SystemExit) as done:
+        cli.main(["generate", "a cat"])
+    assert done.value.code == 2
+    assert capsys.readouterr().err == "wuerstchen generate: error: --width 100 is not a multiple of 16 px\n"
+    for bug in (KeyError("prior"), ValueError("not enough values to unpack"), TypeError("NoneType")):
+
+        def broken(_args: argparse.Namespace, bug: Exception = bug) -> int:
+            raise bug
+
+        monkeypatch.setattr(generate, "run", broken)
+        with pytest.raises(type(bug)):
+            cli.main(["generate", "a cat"])

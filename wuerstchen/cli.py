@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         pass
     try:
         code = args.run(args) or 0
-    except (UserError, ValueError, TypeError, FileNotFoundError, NotADirectoryError, FloatingPointError) as e:
+    except (UserError, FileNotFoundError, NotADirectoryError, PermissionError, FloatingPointError) as e:
+        # What the user can mend: a value the checks refused, a missing or unreadable file, a precision
+        # that overflowed. Anything else is a bug or a failure of its own and keeps its traceback.
         if args.verbose:
             raise
         print(f"wuerstchen {args.command}: error: {e}", file=sys.stderr)
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         if args.verbose:
             raise
-        print(f"wuerstchen {args.command}: error: {e}", file=sys.stderr)
+        print(f"wuerstchen {args.command}: error: {e}", file=sys.stderr)  # the hub, a busy port, a full disk
         code = 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import torch
 
+from .errors import UserError
+
 logger = logging.getLogger(__name__)
 
 # CPU flags (as /proc/cpuinfo spells them) that matter for this project's matrix products.
@@ -119,7 +121,7 @@ def resolve_dtype(dtype: torch.dtype | str, device: torch.device | str | None = 
         try:
             dtype = DTYPE_NAMES[dtype.lower()]
         except KeyError:
-            raise ValueError(f"unknown dtype {dtype!r}: use auto, float32 or bfloat16") from None
+            raise UserError(f"unknown dtype {dtype!r}: use auto, float32 or bfloat16") from None
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype or 'auto', got {dtype!r}")
     check_dtype(dtype, device)

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 from safetensors import safe_open
 from torch import Tensor, nn
 
+from .errors import UserError
 from .io.checkpoint import load_tensors, save_tensors
 
 if TYPE_CHECKING:
@@ -108,12 +109,12 @@ def apply_lora(
     Returns `model`. Example: `apply_lora(pipe.prior, rank=8)`.
     """
     if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"LoRA rank must be an integer ≥ 1, got {rank!r}")
+        raise UserError(f"LoRA rank must be an integer ≥ 1, got {rank!r}")
     if not 0 <= dropout < 1:
-        raise ValueError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
+        raise UserError(f"LoRA dropout must be in [0, 1), got {dropout!r}")
     peft = _peft()
     if _adapters(model):
-        raise ValueError(
+        raise UserError(
             f"{type(model).__name__} already has LoRA adapters {sorted(_adapters(model))}: remove them first "
             "(wuerstchen.lora.remove_lora)"
         )
@@ -137,7 +138,7 @@ def lora_state_dict(model: nn.Module, prefix: str = PREFIX) -> dict[str, Tensor]
     """The trained LoRA factors under the file's keys (`prior.<path>.lora_{A,B}.weight`), as
     detached copies, so a checkpoint taken mid-training is not changed by the next step."""
     if TRAIN_ADAPTER not in _adapters(model):
-        raise ValueError(f"{type(model).__name__} has no LoRA adapter to save: call apply_lora first")
+        raise UserError(f"{type(model).__name__} has no LoRA adapter to save: call apply_lora first")
     state = _peft().get_peft_model_state_dict(model, adapter_name=TRAIN_ADAPTER)
     return {f"{prefix}.{k}": v.detach().clone() for k, v in state.items()}
 
@@ -156,7 +157,7 @@ def save_lora(model: nn.Module, path: str | Path, metadata: dict[str, Any] | Non
     header = {"format": "pt", METADATA_KEY: json.dumps(summary, sort_keys=True)}
     for key, value in (metadata or {}).items():
         if key in header:
-            raise ValueError(f"metadata key {key!r} is reserved for the LoRA file format")
+            raise UserError(f"metadata key {key!r} is reserved for the LoRA file format")
         header[str(key)] = value if isinstance(value, str) else json.dumps(value)
     path = Path(path)
     if path.is_dir():
@@ -171,7 +172,7 @@ def remove_lora(model: nn.Module, adapter_name: str | None = None) -> nn.Module:
     (the `requires_grad` flags that `apply_lora` turned off stay off). Remaining adapters are
     left frozen."""
     if adapter_name is not None and adapter_name not in _adapters(model):
-        raise ValueError(f"no LoRA adapter {adapter_name!r} is loaded (loaded: {sorted(_adapters(model))})")
+        raise UserError(f"no LoRA adapter {adapter_name!r} is loaded (loaded: {sorted(_adapters(model))})")
     for name, layer in _lora_layers(model):
         if adapter_name is None or set(layer.lora_A) <= {adapter_name}:
             parent, _, child = name.rpartition(".")
@@ -204,7 +205,7 @@ def _header(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: the `{METADATA_KEY}` header is not valid JSON ({e})") from e
+        raise UserError(f"{path}: the `{METADATA_KEY}` header is not valid JSON ({e})") from e
     return {k[len(PREFIX) + 1 :]: v for k, v in data.items() if k.startswith(PREFIX + ".")}
 
 
@@ -244,7 +245,7 @@ def _check_fit(model: nn.Module, state: dict[str, Tensor], source: str) -> dict[
         problems.append("the file holds no tensors")
     if problems:
         shown = "; ".join(problems[:8]) + (f"; … ({len(problems)} problems)" if len(problems) > 8 else "")
-        raise ValueError(f"{source}: the LoRA weights do not fit this {type(model).__name__}: {shown}")
+        raise UserError(f"{source}: the LoRA weights do not fit this {type(model).__name__}: {shown}")
     return ranks
 
 
@@ -252,7 +253,7 @@ def _config_for(ranks: dict[str, int], header: dict[str, Any], source: str) -> A
     """The LoraConfig that rebuilds exactly the file's layers: targets and ranks come from the
     tensors (so a header cannot disagree with them), alpha from the header, else alpha = rank."""
     if header.get("use_dora"):
-        raise ValueError(f"{source}: DoRA LoRA files are not supported")
+        raise UserError(f"{source}: DoRA LoRA files are not supported")
     rank = Counter(ranks.values()).most_common(1)[0][0]
     # Full module paths as regexes (escaped dots), so each pattern matches its own module only.
     rank_pattern = {re.escape(p): r for p, r in ranks.items() if r != rank}
@@ -283,9 +284,9 @@ def load_lora_weights(
     """
     prior = pipe.prior
     if prior is None:
-        raise ValueError("this pipeline has no prior (Stage C) to load a LoRA into")
+        raise UserError("this pipeline has no prior (Stage C) to load a LoRA into")
     if adapter_name in _adapters(prior):
-        raise ValueError(
+        raise UserError(
             f"a LoRA named {adapter_name!r} is already loaded: unload it first (unload_lora(pipe, {adapter_name!r})) "
             "or pass another adapter_name"
         )
@@ -302,7 +303,7 @@ def load_lora_weights(
         unprefixed = {k.removeprefix(PREFIX + "."): v for k, v in state.items()}
         result = peft.set_peft_model_state_dict(prior, unprefixed, adapter_name=adapter_name)
         if result.unexpected_keys:  # cannot happen after _check_fit; a guard against peft changes
-            raise ValueError(f"{path}: peft did not place {result.unexpected_keys[:8]}")
+            raise UserError(f"{path}: peft did not place {result.unexpected_keys[:8]}")
         prior.train(prior.training)  # peft's new modules start in train mode
         set_lora_scale(pipe, scale, adapter_name)
     except BaseException:
@@ -314,10 +315,10 @@ def set_lora_scale(pipe: WuerstchenPipeline, scale: float, adapter_name: str = "
     """Set the strength of a loaded LoRA: the update becomes `scale·(alpha/r)·B·A` (0 turns it off)."""
     scale = float(scale)
     if not math.isfinite(scale):
-        raise ValueError(f"LoRA scale must be a finite number, got {scale!r}")
+        raise UserError(f"LoRA scale must be a finite number, got {scale!r}")
     prior = pipe.prior
     if prior is None or adapter_name not in _adapters(prior):
-        raise ValueError(f"no LoRA adapter {adapter_name!r} is loaded on the prior")
+        raise UserError(f"no LoRA adapter {adapter_name!r} is loaded on the prior")
     for _, layer in _lora_layers(prior):
         layer.set_scale(adapter_name, scale)  # from the layer's alpha and rank; no-op where absent
     _refresh(prior)

@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from .errors import UserError
 from .hardware import check_dtype
 from .models.stage_a import StageA
 from .models.stage_b import StageB
@@ -61,7 +62,7 @@ def _as_list(value: str | Sequence[str] | None, name: str) -> list[str] | None:
         return [value]
     if isinstance(value, Sequence) and all(isinstance(v, str) for v in value):
         if not value:
-            raise ValueError(f"`{name}` is an empty list: give at least one prompt")
+            raise UserError(f"`{name}` is an empty list: give at least one prompt")
         return list(value)
     raise TypeError(f"`{name}` must be a string or a list of strings, got {type(value).__name__}")
 
@@ -70,23 +71,23 @@ def _check_steps(steps: int, custom: Sequence[float] | None, name: str) -> list[
     if custom is not None:
         times = [float(t) for t in custom]
         if len(times) < 2 or any(a <= b for a, b in zip(times, times[1:], strict=False)):
-            raise ValueError(f"`{name}` must be at least two strictly decreasing times in [0, 1], e.g. [1.0, 0.5, 0.0]")
+            raise UserError(f"`{name}` must be at least two strictly decreasing times in [0, 1], e.g. [1.0, 0.5, 0.0]")
         if times[0] > 1 or times[-1] < 0:
-            raise ValueError(f"`{name}` must lie in [0, 1]")
+            raise UserError(f"`{name}` must lie in [0, 1]")
         return times
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"the number of steps must be an integer ≥ 1, got {steps!r}")
+        raise UserError(f"the number of steps must be an integer ≥ 1, got {steps!r}")
     return timesteps(steps)
 
 
 def _check_count(n: int) -> None:
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"`num_images_per_prompt` must be an integer ≥ 1, got {n!r}")
+        raise UserError(f"`num_images_per_prompt` must be an integer ≥ 1, got {n!r}")
 
 
 def _check_output_type(output_type: str) -> None:
     if output_type not in ("pil", "np", "pt", "latent"):
-        raise ValueError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
+        raise UserError(f"output_type must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}")
 
 
 def _noise(
@@ -96,7 +97,7 @@ def _noise(
     if latents is None:
         return randn(shape, generator, device, torch.float32)
     if tuple(latents.shape) != shape:
-        raise ValueError(f"{what} has shape {tuple(latents.shape)}, expected {shape}")
+        raise UserError(f"{what} has shape {tuple(latents.shape)}, expected {shape}")
     return latents.to(device, torch.float32)
 
 
@@ -110,7 +111,7 @@ def size_step(st: PipelineSettings, decoder: StageB | None, vqgan: StageA | None
         b_side = int(k * st.latent_dim_scale)
         if math.ceil(px / st.resolution_multiple) == k and b_side % stride == 0 and b_side * down == px:
             return px
-    raise ValueError("these pipeline settings admit no image size whose latents fit every stage")
+    raise UserError("these pipeline settings admit no image size whose latents fit every stage")
 
 
 def _snap(name: str, value: int | None, step: int, default: int) -> int:
@@ -118,7 +119,7 @@ def _snap(name: str, value: int | None, step: int, default: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"`{name}` must be an integer number of pixels, got {value!r}")
     if value < step:
-        raise ValueError(f"{name}={value} is too small: this model needs at least {step} px (a multiple of {step})")
+        raise UserError(f"{name}={value} is too small: this model needs at least {step} px (a multiple of {step})")
     if value % step:
         logger.warning("%s=%d is not a multiple of %d px; using %d", name, value, step, value - value % step)
     return value - value % step
@@ -128,10 +129,10 @@ def _generators(generator: Generator, seed: int | None, count: int) -> Generator
     """`seed` gives image i of the batch the seed `seed + i`, so each can be made again alone."""
     if seed is not None:
         if generator is not None:
-            raise ValueError("pass either `seed` or `generator`, not both")
+            raise UserError("pass either `seed` or `generator`, not both")
         return [torch.Generator("cpu").manual_seed(int(seed) + i) for i in range(count)]
     if isinstance(generator, list) and len(generator) != count:
-        raise ValueError(f"got {len(generator)} generators for {count} images: give one per image")
+        raise UserError(f"got {len(generator)} generators for {count} images: give one per image")
     return generator
 
 
@@ -143,11 +144,11 @@ def _with_negatives(encode: Callable[[list[str]], Tensor], cond: Tensor, negativ
         batch = cond.shape[0] // repeat
         negative = negative or [""]
         if len(negative) not in (1, batch):
-            raise ValueError(f"got {len(negative)} negative prompts for {batch} prompts: give one, or one per prompt")
+            raise UserError(f"got {len(negative)} negative prompts for {batch} prompts: give one, or one per prompt")
         negative_embeds = encode(negative * batch if len(negative) == 1 else negative)
     uncond = negative_embeds.to(cond.device).repeat_interleave(repeat, dim=0)
     if uncond.shape != cond.shape:
-        raise ValueError(f"negative text states {tuple(uncond.shape)} do not match the prompt's {tuple(cond.shape)}")
+        raise UserError(f"negative text states {tuple(uncond.shape)} do not match the prompt's {tuple(cond.shape)}")
     return torch.cat([cond, uncond.to(cond.dtype)])
 
 
@@ -336,10 +337,10 @@ class WuerstchenPipeline:
         # fmt: on
         """Stage C alone: text → semantic latents, mapped (x·42 − 1) for Stage B."""
         if self.prior is None:
-            raise ValueError("this pipeline has no prior (Stage C): load one to generate from text")
+            raise UserError("this pipeline has no prior (Stage C): load one to generate from text")
         prompts = _as_list(prompt, "prompt")
         if prompts is not None and prompt_embeds is not None:
-            raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
+            raise UserError("pass either `prompt` or `prompt_embeds`, not both")
         if prompts is None and prompt_embeds is None:
             prompts = [""]  # unconditional
         _check_count(num_images_per_prompt)
@@ -374,7 +375,7 @@ class WuerstchenPipeline:
         one per semantic latent; `prompt_embeds` are text states per semantic latent.
         """
         if self.decoder is None or self.vqgan is None:
-            raise ValueError("this pipeline has no decoder/VQGAN (Stage B/A): load them to decode")
+            raise UserError("this pipeline has no decoder/VQGAN (Stage B/A): load them to decode")
         _check_output_type(output_type)
         _check_count(num_images_per_prompt)
         times = _check_steps(num_inference_steps, timesteps, "decoder_timesteps")
@@ -384,7 +385,7 @@ class WuerstchenPipeline:
             prompts = prompts or [""]
             prompts = prompts * per_latent if len(prompts) == 1 else prompts
             if len(prompts) != per_latent:
-                raise ValueError(f"got {len(prompts)} prompts for {per_latent} semantic latents")
+                raise UserError(f"got {len(prompts)} prompts for {per_latent} semantic latents")
         negatives, cfg = _as_list(negative_prompt, "negative_prompt"), guidance_scale > 1
         text = self.encode_prompt("decoder", prompts, negatives, cfg, num_images_per_prompt, prompt_embeds,
                                   negative_prompt_embeds, prompt_weighting, warn)  # fmt: skip

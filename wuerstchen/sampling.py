@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .errors import UserError
+
 # The official v2 prior schedule: 30 times (29 steps), 20 over the noisy first third (diffusers
 # exported it under this name; `from wuerstchen import DEFAULT_STAGE_C_TIMESTEPS` replaces that).
 DEFAULT_STAGE_C_TIMESTEPS: list[float] = [
@@ -42,7 +44,7 @@ def alpha_cumprod(t: float | Tensor, s: float = 0.008, scaler: float = 1.0) -> T
 def timesteps(num_steps: int) -> list[float]:
     """`num_steps` evenly spaced steps: num_steps + 1 times from 1 to 0."""
     if num_steps < 1:
-        raise ValueError(f"the number of steps must be at least 1, got {num_steps}")
+        raise UserError(f"the number of steps must be at least 1, got {num_steps}")
     return [float(t) for t in torch.linspace(1.0, 0.0, num_steps + 1)]
 
 
@@ -61,7 +63,7 @@ def randn(shape: Sequence[int], generator: Generator, device: torch.device | str
     device = torch.device(device)
     if isinstance(generator, list):
         if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}")
+            raise UserError(f"got {len(generator)} generators for a batch of {shape[0]}")
         return torch.cat([randn((1, *shape[1:]), g, device, dtype) for g in generator])
     draw_device = generator.device if generator is not None else device
     if draw_device.type != device.type and draw_device.type == "cpu":
@@ -112,12 +114,12 @@ def sample(
     after each step and may return a replacement for x.
     """
     if sampler not in ("ddpm", "ddim"):
-        raise ValueError(f"unknown sampler {sampler!r}: use 'ddpm' or 'ddim'")
+        raise UserError(f"unknown sampler {sampler!r}: use 'ddpm' or 'ddim'")
     times = [float(t) for t in times]
     if len(times) < 2:
-        raise ValueError("a schedule needs at least two times (one step)")
+        raise UserError("a schedule needs at least two times (one step)")
     if any(a <= b for a, b in zip(times, times[1:], strict=False)):
-        raise ValueError("timesteps must be strictly decreasing, e.g. [1.0, ..., 0.0]")
+        raise UserError("timesteps must be strictly decreasing, e.g. [1.0, ..., 0.0]")
     for i, (t, t_prev) in enumerate(zip(times[:-1], times[1:], strict=True)):
         r = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
         eps = denoiser(x, r).to(x.dtype)

@@ -17,6 +17,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
 from .common import add_model_arguments, load_from_args
 
 KEYS = ("colour_acc", "colour_shape_acc", "relation_acc", "count_acc", "exact_acc")
@@ -39,9 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _check(args: argparse.Namespace) -> None:
     for name, low in (("num_prompts", 1), ("batch_size", 1), ("decoder_steps", 1), ("recon_images", 0)):
         if getattr(args, name) < low:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least {low}")
+            raise UserError(f"--{name.replace('_', '-')} must be at least {low}")
     if args.prior_steps is not None and args.prior_steps < 1:
-        raise ValueError("--prior-steps must be at least 1")
+        raise UserError("--prior-steps must be at least 1")
 
 
 class Progress:

@@ -54,7 +54,7 @@ def _prompts(args: argparse.Namespace) -> list[str]:
         lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
         prompts += [line.strip() for line in lines if line.strip()]
     if not prompts:
-        raise ValueError("give a prompt, --prompt-file or --from-png")
+        raise UserError("give a prompt, --prompt-file or --from-png")
     return prompts
 
 

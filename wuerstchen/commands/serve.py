@@ -67,18 +67,18 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{missing}: pip install 'wuerstchen[serve]'") from None
     for name in ("max_images", "max_steps", "max_prompt_chars", "max_queue", "keep_jobs"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if not args.max_guidance >= 0:
-        raise ValueError("--max-guidance must be ≥ 0")
+        raise UserError("--max-guidance must be ≥ 0")
     if not 0 <= args.port <= 65535:
-        raise ValueError(f"--port must be from 0 to 65535, got {args.port}")
+        raise UserError(f"--port must be from 0 to 65535, got {args.port}")
     sock = _listen(args.host, args.port)
 
     pipe = load_from_args(args)
     step = pipe.size_step
     max_side = args.max_side if args.max_side is not None else 2 * pipe.settings.default_size
     if max_side < step:
-        raise ValueError(f"--max-side must be at least {step} px (this model's size step)")
+        raise UserError(f"--max-side must be at least {step} px (this model's size step)")
     if max_side % step:
         logger.warning("--max-side %d is not a multiple of %d px; using %d", max_side, step, max_side - max_side % step)
     limits = Limits(

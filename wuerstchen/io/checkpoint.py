@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..errors import UserError
 from ..models.config import config_from_dict, config_to_dict, read_json
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
@@ -61,7 +62,7 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, RuntimeError) as e:
-        raise ValueError(f"{path}: cannot read the safetensors file ({e}); it may be truncated or corrupt") from e
+        raise UserError(f"{path}: cannot read the safetensors file ({e}); it may be truncated or corrupt") from e
 
 
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -82,7 +83,7 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
     if shapes:
         problems.append(f"wrong shape: {shapes[:8]}")
     if problems:
-        raise ValueError(f"{source}: weights do not fit {type(model).__name__}: " + "; ".join(problems))
+        raise UserError(f"{source}: weights do not fit {type(model).__name__}: " + "; ".join(problems))
 
 
 def build_from_state(
@@ -138,6 +139,6 @@ def load_model(
     data = read_json(folder / CONFIG_NAME)
     name = data.get("_class_name")
     if name not in (None, cls.diffusers_class, cls.__name__):
-        raise ValueError(f"{folder}: holds a {name}, expected a {cls.diffusers_class}")
+        raise UserError(f"{folder}: holds a {name}, expected a {cls.diffusers_class}")
     config = config_from_dict(cls.config_class, data, source=str(folder / CONFIG_NAME))
     return build_from_state(cls, config, _read_state(folder), str(folder), dtype, device)

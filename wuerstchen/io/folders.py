@@ -29,6 +29,7 @@ from ..parts import PipelineSettings
 
 if TYPE_CHECKING:  # the pipeline class comes in as an argument: the pipeline module imports this one
     from ..pipeline import WuerstchenPipeline
+from ..errors import UserError
 from .checkpoint import load_model, read_json, save_model, write_json
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,7 @@ TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast", "PreTrainedTokenizerF
 def _allowed(name: str | None, allowed: tuple[str, ...], default: str, what: str, folder: Path) -> str:
     name = name or default
     if name not in allowed:
-        raise ValueError(f"{folder}: {what} class {name!r} is not supported (one of: {', '.join(allowed)})")
+        raise UserError(f"{folder}: {what} class {name!r} is not supported (one of: {', '.join(allowed)})")
     return name
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UserError
 from ..models.stage_a import STAGE_A_PRESETS, StageA, StageAConfig
 from ..models.stage_b import STAGE_B_PRESETS, StageB, StageBConfig
 from ..models.stage_c import STAGE_C_PRESETS, StageC, StageCConfig
@@ -24,9 +25,9 @@ def read_original(path: str | Path) -> dict:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:
-        raise ValueError(f"{path}: cannot read this checkpoint with weights_only=True ({e})") from e
+        raise UserError(f"{path}: cannot read this checkpoint with weights_only=True ({e})") from e
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a dict of state dicts, got {type(data).__name__}")
+        raise UserError(f"{path}: expected a dict of state dicts, got {type(data).__name__}")
     return data
 
 
@@ -52,7 +53,7 @@ def _pick(data: dict, keys: tuple[str, ...], path: str | Path) -> dict[str, torc
             return data[key]
     if all(isinstance(v, torch.Tensor) for v in data.values()):
         return data  # a bare state dict
-    raise ValueError(f"{path}: none of {list(keys)} in this checkpoint (has {sorted(data)[:6]})")
+    raise UserError(f"{path}: none of {list(keys)} in this checkpoint (has {sorted(data)[:6]})")
 
 
 def load_original_stage_c(
@@ -97,7 +98,7 @@ def convert_original_files(
 
     for presets in (STAGE_A_PRESETS, STAGE_B_PRESETS, STAGE_C_PRESETS):
         if preset not in presets:
-            raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
+            raise UserError(f"unknown preset {preset!r}; choose one of {sorted(presets)}")
     decoder, effnet_state = load_original_stage_b(stage_b, STAGE_B_PRESETS[preset], dtype)
     semantic = None
     if effnet_state is not None:

@@ -14,6 +14,7 @@ from typing import Any
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from ..errors import UserError
 from .checkpoint import atomic_path
 
 METADATA_KEY = "wuerstchen"
@@ -26,7 +27,7 @@ def read_png_parameters(path: str | Path) -> dict[str, Any]:
     with Image.open(path) as im:
         text = getattr(im, "text", {}) or {}
     if METADATA_KEY not in text:
-        raise ValueError(f"{path} carries no wuerstchen parameters (was it written by `wuerstchen generate`?)")
+        raise UserError(f"{path} carries no wuerstchen parameters (was it written by `wuerstchen generate`?)")
     return json.loads(text[METADATA_KEY])
 
 

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ..errors import UserError
+
 T = TypeVar("T")
 
 
@@ -33,7 +35,7 @@ def config_from_dict(cls: type[T], data: dict[str, Any], source: str = "config")
     body = {k: v for k, v in data.items() if not k.startswith("_")}
     unknown = sorted(set(body) - fields)
     if unknown:
-        raise ValueError(f"{source}: unknown {cls.__name__} field(s) {unknown}; is this the right model folder?")
+        raise UserError(f"{source}: unknown {cls.__name__} field(s) {unknown}; is this the right model folder?")
     return cls(**{k: _freeze(v) for k, v in body.items()})
 
 

@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..errors import UserError
+
 # One stage of the trunk: (block, expand_ratio, kernel, stride, c_in, c_out, layers), where block is
 # "fused" (FusedMBConv) or "mbconv" (MBConv). Only a stage's first layer has its stride and c_in.
 Stage = tuple[str, float, int, int, int, int, int]
@@ -61,7 +63,7 @@ class SemanticConfig:
     def __post_init__(self) -> None:
         for stage in self.stages:
             if stage[0] not in ("fused", "mbconv") or stage[3] not in (1, 2):
-                raise ValueError(f"bad stage {stage}: block must be 'fused'/'mbconv', stride 1 or 2")
+                raise UserError(f"bad stage {stage}: block must be 'fused'/'mbconv', stride 1 or 2")
 
     @property
     def stride(self) -> int:

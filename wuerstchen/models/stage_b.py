@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import UserError
 from .blocks import AttnBlock, ChannelNorm, ResBlockStageB, TimestepBlock, r_embedding, to_channels_last
 from .onednn import Linear
 
@@ -101,7 +102,7 @@ class StageB(nn.Module):
                 return AttnBlock(c, cfg.c_cond, cfg.nhead[level], self_attn=True, dropout=dropout[level])
             if kind == "T":
                 return TimestepBlock(c, cfg.c_r)
-            raise ValueError(f"unknown block type {kind!r} in level_config (use C, T, A)")
+            raise UserError(f"unknown block type {kind!r} in level_config (use C, T, A)")
 
         self.down_blocks = nn.ModuleList()
         for i in range(levels):
@@ -183,7 +184,7 @@ class StageB(nn.Module):
     ) -> Tensor:
         if cond is None:
             if effnet is None:
-                raise ValueError("StageB.forward needs the semantic latent `effnet` or a precomputed `cond`")
+                raise UserError("StageB.forward needs the semantic latent `effnet` or a precomputed `cond`")
             cond = self.condition(effnet, clip, x.shape[-2:])
         r_emb = r_embedding(r, self.config.c_r).to(x.dtype)
         kv_iter = iter(cond.kv)

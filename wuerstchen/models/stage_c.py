@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import UserError
 from .blocks import AttnBlock, ChannelNorm, ResBlock, TimestepBlock, r_embedding, to_channels_last
 from .onednn import Linear
 
@@ -79,7 +80,7 @@ class StageC(nn.Module):
         """
         if kv is None:
             if clip is None:
-                raise ValueError("StageC.forward needs the text states `clip` or their precomputed `kv`")
+                raise UserError("StageC.forward needs the text states `clip` or their precomputed `kv`")
             kv = self.condition(clip)
         r_emb = r_embedding(r, self.config.c_r).to(x.dtype)
         h = to_channels_last(self.projection(to_channels_last(x)))

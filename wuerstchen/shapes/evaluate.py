@@ -27,6 +27,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
+from ..errors import UserError
 from .world import BACKGROUNDS, COLOURS, SHAPES, SIZES, Scene, draw_shape, relation_of, srgb_to_lab
 
 # A shape whose best synthesis still misses this fraction of its coverage is not one of ours.
@@ -210,7 +211,7 @@ def evaluate(
     pair_colour_shape (both objects drawn) and relation_when_drawn (the relation right among those),
     which tell a model that cannot draw two objects from one that cannot place them."""
     if len(images) != len(prompt_scenes):
-        raise ValueError(f"{len(images)} images for {len(prompt_scenes)} prompts")
+        raise UserError(f"{len(images)} images for {len(prompt_scenes)} prompts")
     scores = [score(p, im) for im, p in zip(images, prompt_scenes, strict=True)]
 
     def mean(key: str, among: list[dict] = scores) -> float | None:
@@ -242,6 +243,6 @@ def psnr(a: Image.Image | np.ndarray, b: Image.Image | np.ndarray) -> float:
     """Peak signal-to-noise ratio in dB; uint8 images are taken as 0..255, floats as 0..1."""
     x, y = _unit(a), _unit(b)
     if x.shape != y.shape:
-        raise ValueError(f"shapes differ: {x.shape} vs {y.shape}")
+        raise UserError(f"shapes differ: {x.shape} vs {y.shape}")
     mse = float(np.mean((x - y) ** 2))
     return math.inf if mse == 0 else 10 * math.log10(1 / mse)

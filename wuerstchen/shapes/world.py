@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import UserError
+
 # Object colours, chosen pairwise ≥ 39 apart in CIE Lab (ΔE76) so that each name is unmistakable.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -180,7 +182,7 @@ def sample_scene(rng: np.random.Generator, split: str = "train", kind: str | Non
     """One random scene. `split="heldout"` puts a HELDOUT_PAIRS pair in every scene; `"train"`
     never does. `kind` (single | pair | count) defaults to a random one."""
     if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+        raise UserError(f"split must be 'train' or 'heldout', got {split!r}")
     if kind is None:
         kind = KINDS[int(rng.choice(3, p=[0.4, 0.35, 0.25]))]
     first = _pick(rng, HELDOUT_PAIRS if split == "heldout" else _TRAIN_PAIRS)
@@ -198,7 +200,7 @@ def sample_scene(rng: np.random.Generator, split: str = "train", kind: str | Non
         sizes = [_pick(rng, tuple(SIZES)) for _ in pairs]
         relation = _pick(rng, RELATIONS)
     else:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        raise UserError(f"kind must be one of {KINDS}, got {kind!r}")
     objects = _place(rng, pairs, sizes, relation)
     background = _pick(rng, allowed_backgrounds(frozenset(c for c, _ in pairs)))
     return Scene(objects, background)
@@ -345,7 +347,7 @@ class ShapesDataset:
 
     def __init__(self, n: int, seed: int = 0, size: int = 128, split: str = "train"):
         if split not in _SPLIT_IDS:
-            raise ValueError(f"split must be 'train' or 'heldout', got {split!r}")
+            raise UserError(f"split must be 'train' or 'heldout', got {split!r}")
         self.n, self.seed, self.size, self.split = n, seed, size, split
 
     def __len__(self) -> int:

@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from ..errors import UserError
 from ..io.checkpoint import load_tensors, save_tensors
 from .config import StageCTrainConfig
 from .data import BucketBatchSampler, SkipLog, make_loader
@@ -85,7 +86,7 @@ def build_cache(
             index.append([key, caption, shape_id, start + i])
         rows.append(latents.cpu())
     if not index:
-        raise ValueError(f"{cfg.data}: no items to cache")
+        raise UserError(f"{cfg.data}: no items to cache")
     tensors = {"text": torch.cat(texts).to(dtype), "empty_text": encode_text([""])[0].to(dtype)}
     for i, rows in enumerate(shapes.values()):
         tensors[f"semantic.{i}"] = torch.cat(rows).to(dtype)
@@ -110,13 +111,13 @@ class StageCCache(SkipLog, Dataset):
             with safe_open(str(path), "pt") as f:
                 meta = f.metadata() or {}
         except Exception as e:
-            raise ValueError(f"{path}: not a readable cache file ({e}); delete it to rebuild") from e
+            raise UserError(f"{path}: not a readable cache file ({e}); delete it to rebuild") from e
         if meta.get("format") != CACHE_FORMAT:
-            raise ValueError(f"{path}: not a Stage C cache ({CACHE_FORMAT}); delete it or pick another --cache")
+            raise UserError(f"{path}: not a Stage C cache ({CACHE_FORMAT}); delete it or pick another --cache")
         found = json.loads(meta["fingerprint"])
         if expected is not None and found != expected:
             diff = sorted(k for k in set(found) | set(expected) if found.get(k) != expected.get(k))
-            raise ValueError(
+            raise UserError(
                 f"{path} was made with other settings ({', '.join(diff)}): delete it or use another --cache"
             )
         tensors = load_tensors(path)

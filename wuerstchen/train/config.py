@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import UserError
+
 
 def opt(default: Any, help: str) -> Any:
     """A dataclass field with its command-line help text."""
@@ -93,39 +95,39 @@ class TrainConfig:
         positive = ("image_size", "batch_size", "grad_accum", "ema_every", "log_every", "keep_checkpoints")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ValueError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
+                raise UserError(f"--{_flag(name)} must be at least 1, got {getattr(self, name)}")
         for name in ("max_steps", "warmup_steps", "checkpoint_every", "sample_every", "holdout", "num_workers"):
             if getattr(self, name) < 0:
-                raise ValueError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
+                raise UserError(f"--{_flag(name)} must not be negative, got {getattr(self, name)}")
         if self.sample_steps < 1:
-            raise ValueError("--sample-steps must be at least 1")
+            raise UserError("--sample-steps must be at least 1")
         if not 0 <= self.ema_beta < 1:
-            raise ValueError(f"--ema-beta must be in [0, 1), got {self.ema_beta}")
+            raise UserError(f"--ema-beta must be in [0, 1), got {self.ema_beta}")
         if self.lr <= 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError("--lr must be positive; --grad-clip and --weight-decay must not be negative")
+            raise UserError("--lr must be positive; --grad-clip and --weight-decay must not be negative")
         if self.strategy not in ("ddp", "fsdp"):
-            raise ValueError(f"--strategy must be ddp or fsdp, got {self.strategy!r}")
+            raise UserError(f"--strategy must be ddp or fsdp, got {self.strategy!r}")
         if self.fsdp_sharding not in ("shard_grad_op", "full_shard"):
-            raise ValueError(f"--fsdp-sharding must be shard_grad_op or full_shard, got {self.fsdp_sharding!r}")
+            raise UserError(f"--fsdp-sharding must be shard_grad_op or full_shard, got {self.fsdp_sharding!r}")
         if isinstance(self.settings, str):
-            raise ValueError(f"--settings must be a JSON object, got {self.settings!r}")
+            raise UserError(f"--settings must be a JSON object, got {self.settings!r}")
         if self.settings is not None:
             from ..pipeline import PipelineSettings
 
             unknown = sorted(set(self.settings) - set(PipelineSettings.__dataclass_fields__))
             if unknown:
                 known = ", ".join(PipelineSettings.__dataclass_fields__)
-                raise ValueError(f"--settings: unknown key(s) {unknown}; known: {known}")
+                raise UserError(f"--settings: unknown key(s) {unknown}; known: {known}")
         if self.lora_rank < 0:
-            raise ValueError("--lora-rank must not be negative")
+            raise UserError("--lora-rank must not be negative")
         if self.lora_rank and self.strategy == "fsdp":
-            raise ValueError("LoRA with --strategy fsdp is not supported: use ddp (LoRA weights are small)")
+            raise UserError("LoRA with --strategy fsdp is not supported: use ddp (LoRA weights are small)")
         if self.lora_rank and not self.init_from:
-            raise ValueError("LoRA fine-tunes existing weights: give --init-from PIPELINE")
+            raise UserError("LoRA fine-tunes existing weights: give --init-from PIPELINE")
         if isinstance(self.model, str) and not self.model.startswith("{") and self.model not in self.model_presets():
             if not Path(self.model).is_file():
                 names = ", ".join(self.model_presets())
-                raise ValueError(f"--model {self.model!r} is neither a preset ({names}) nor a file")
+                raise UserError(f"--model {self.model!r} is neither a preset ({names}) nor a file")
 
     def to_dict(self) -> dict[str, Any]:
         body = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -152,9 +154,9 @@ class DiffusionTrainConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.caption_drop <= 1:
-            raise ValueError(f"--caption-drop must be in [0, 1], got {self.caption_drop}")
+            raise UserError(f"--caption-drop must be in [0, 1], got {self.caption_drop}")
         if self.loss_weighting not in ("p2", "uniform"):
-            raise ValueError(f"--loss-weighting must be p2 or uniform, got {self.loss_weighting!r}")
+            raise UserError(f"--loss-weighting must be p2 or uniform, got {self.loss_weighting!r}")
 
 
 @dataclass(frozen=True)
@@ -180,11 +182,11 @@ class StageCTrainConfig(DiffusionTrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.cache and (self.random_crop or self.flip):
-            raise ValueError("--cache stores one crop per image: it cannot be used with --random-crop or --flip")
+            raise UserError("--cache stores one crop per image: it cannot be used with --random-crop or --flip")
         if self.cache_dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"--cache-dtype must be float32 or bfloat16, got {self.cache_dtype!r}")
+            raise UserError(f"--cache-dtype must be float32 or bfloat16, got {self.cache_dtype!r}")
         if not 0 <= self.x0_weight <= 100:
-            raise ValueError(f"--x0-weight must be in [0, 100], got {self.x0_weight}")
+            raise UserError(f"--x0-weight must be in [0, 100], got {self.x0_weight}")
 
 
 @dataclass(frozen=True)
@@ -211,11 +213,11 @@ class StageBTrainConfig(DiffusionTrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.semantic_drop <= 1:
-            raise ValueError(f"--semantic-drop must be in [0, 1], got {self.semantic_drop}")
+            raise UserError(f"--semantic-drop must be in [0, 1], got {self.semantic_drop}")
         if not 0 < self.semantic_scale_min <= 1:
-            raise ValueError(f"--semantic-scale-min must be in (0, 1], got {self.semantic_scale_min}")
+            raise UserError(f"--semantic-scale-min must be in (0, 1], got {self.semantic_scale_min}")
         if self.semantic_recon < 0 or (self.semantic_recon > 0 and not self.train_semantic):
-            raise ValueError(
+            raise UserError(
                 "--semantic-recon must be ≥ 0 and needs --train-semantic (a frozen compressor learns nothing)"
             )
 
@@ -242,9 +244,9 @@ class StageATrainConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.lora_rank:
-            raise ValueError("LoRA targets attention layers and Stage A has none: use --lora-rank 0")
+            raise UserError("LoRA targets attention layers and Stage A has none: use --lora-rank 0")
         if self.recon_loss not in ("mse", "l1"):
-            raise ValueError(f"--recon-loss must be mse or l1, got {self.recon_loss!r}")
+            raise UserError(f"--recon-loss must be mse or l1, got {self.recon_loss!r}")
 
 
 CONFIGS: dict[str, type[TrainConfig]] = {"a": StageATrainConfig, "b": StageBTrainConfig, "c": StageCTrainConfig}
@@ -275,7 +277,7 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as e:
-                raise ValueError(f"--{_flag(name)}: not a JSON object ({e})") from None
+                raise UserError(f"--{_flag(name)}: not a JSON object ({e})") from None
         if dict in options and isinstance(value, dict):
             return value
         return coerce(name, options[0], value)
@@ -297,7 +299,7 @@ def coerce(name: str, tp: Any, value: Any) -> Any:
         if tp is float:
             return float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"--{_flag(name)}: expected {tp.__name__}, got {value!r}") from None
+        raise UserError(f"--{_flag(name)}: expected {tp.__name__}, got {value!r}") from None
     return str(value)
 
 
@@ -324,11 +326,11 @@ def build_config(stage: str, values: dict[str, Any], source: str = "config") -> 
     values = dict(values)
     given_stage = values.pop("stage", stage)
     if given_stage != stage:
-        raise ValueError(f"{source} is a Stage {str(given_stage).upper()} config, not Stage {stage.upper()}")
+        raise UserError(f"{source} is a Stage {str(given_stage).upper()} config, not Stage {stage.upper()}")
     types_by_name = {f.name: tp for f, tp in config_fields(cls)}
     unknown = sorted(set(values) - set(types_by_name))
     if unknown:
-        raise ValueError(f"{source}: unknown option(s) {unknown} for Stage {stage.upper()}")
+        raise UserError(f"{source}: unknown option(s) {unknown} for Stage {stage.upper()}")
     return cls(**{k: coerce(k, types_by_name[k], v) for k, v in values.items()})
 
 

@@ -39,6 +39,8 @@ import torch
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
+from ..errors import UserError
+
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = ("jpg", "jpeg", "png", "webp")
@@ -52,7 +54,7 @@ def make_buckets(size: int, multiple: int, max_ratio: float = 2.0) -> list[tuple
     """(h, w) shapes of area ≈ size², both sides multiples of `multiple`, aspect ratio ≤ `max_ratio`,
     from tallest to widest. ``make_buckets(1024, 128)`` gives the shapes the official models know."""
     if size < multiple:
-        raise ValueError(f"size {size} is smaller than multiple {multiple}")
+        raise UserError(f"size {size} is smaller than multiple {multiple}")
     shapes = set()
     for w in range(multiple, int(size * max_ratio) + 1, multiple):
         h = max(multiple, round(size * size / w / multiple) * multiple)
@@ -353,7 +355,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         world_size: int = 1,
     ) -> None:
         if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
+            raise UserError(f"rank {rank} is outside world_size {world_size}")
         self.bucket_ids, self.batch_size, self.seed = list(bucket_ids), batch_size, seed
         self.shuffle, self.drop_last, self.rank, self.world_size = shuffle, drop_last, rank, world_size
         self.epoch = self.start_batch = 0

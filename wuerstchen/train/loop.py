@@ -50,6 +50,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from ..errors import UserError
 from ..io.checkpoint import load_tensors, save_model, write_json
 from .config import TrainConfig
 from .stages import Stage, make_stage
@@ -356,7 +357,7 @@ class Trainer:
         self.names = [n for n, p in self.module.named_parameters() if p.requires_grad]
         self.names += [n for n, _ in self.module.named_buffers()]
         if not any(p.requires_grad for p in self.module.parameters()):
-            raise ValueError("nothing to train: every parameter is frozen")
+            raise UserError("nothing to train: every parameter is frozen")
         self.wrapped = wrap(self.module, cfg, d, self.bf16)
         self.params = [p for p in self.wrapped.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -419,11 +420,11 @@ class Trainer:
             return
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         if state["stage"] != self.cfg.stage:
-            raise ValueError(f"{folder} is a Stage {state['stage'].upper()} checkpoint")
+            raise UserError(f"{folder} is a Stage {state['stage'].upper()} checkpoint")
         weights = load_tensors(folder / "model.safetensors")
         if set(weights) != set(self.names):
             diff = sorted(set(weights) ^ set(self.names))
-            raise ValueError(f"{folder} does not fit this model (changed --model or --lora-rank?): {diff[:5]}")
+            raise UserError(f"{folder} does not fit this model (changed --model or --lora-rank?): {diff[:5]}")
         strict = len(self.names) == len(self.module.state_dict())
         set_model_state_dict(self.wrapped, weights, options=StateDictOptions(full_state_dict=True, strict=strict))
         if self.ema is not None and (folder / "ema.safetensors").exists():
@@ -539,7 +540,7 @@ class Trainer:
             self.pos.epoch, self.pos.batch = self.pos.epoch + 1, 0
             empty = 0 if got else empty + 1
             if empty >= 2:
-                raise ValueError(
+                raise UserError(
                     f"{self.cfg.data}: no batches: fewer than batch_size × processes "
                     f"({self.cfg.batch_size} × {self.d.world_size}) usable images?"
                 )
@@ -589,7 +590,7 @@ class Trainer:
         if resume:
             self.resume()
         elif list_checkpoints(self.ckpt_root):
-            raise ValueError(f"{self.out} already has checkpoints: pass --resume, or another --output-dir")
+            raise UserError(f"{self.out} already has checkpoints: pass --resume, or another --output-dir")
         if d.main:
             write_json(cfg.to_dict(), self.out / "config.json")
         metrics = MetricsLog(self.out, enabled=d.main)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
+from ..errors import UserError
 from ..io.checkpoint import atomic_path, build_from_state, load_model
 from ..models.config import config_from_dict, read_json
 from ..models.semantic import SEMANTIC_PRESETS, SemanticCompressor
@@ -228,7 +229,7 @@ def _random_text(spec: str) -> tuple[Any, nn.Module]:
     try:
         width = int(spec.split(":", 1)[1])
     except ValueError:
-        raise ValueError(f"--text-encoder {spec!r}: expected random:WIDTH, e.g. random:32") from None
+        raise UserError(f"--text-encoder {spec!r}: expected random:WIDTH, e.g. random:32") from None
     return char_tokenizer(), clip_text_model(0, width=width, heads=2 if width % 2 == 0 else 1)
 
 
@@ -290,9 +291,9 @@ class Stage:
         if cfg.init_from:
             model = getattr(self.init_pipe, self.component, None)
             if model is None:
-                raise ValueError(f"--init-from {cfg.init_from} holds no {self.component} to fine-tune")
+                raise UserError(f"--init-from {cfg.init_from} holds no {self.component} to fine-tune")
             if cfg.model is not None and self._model_config() != model.config:
-                raise ValueError("--model differs from the architecture of --init-from: leave --model out")
+                raise UserError("--model differs from the architecture of --init-from: leave --model out")
             self.model_config = model.config
             setattr(self.init_pipe, self.component, None)  # ours to train now, not a frozen part
             return model.float().to(self.device).train().requires_grad_(True)
@@ -304,7 +305,7 @@ class Stage:
         cls = self.model_class.config_class
         if spec is None:
             names = ", ".join(self.cfg.model_presets())
-            raise ValueError(f"give --model PRESET ({names}) or a config file, or --init-from PIPELINE")
+            raise UserError(f"give --model PRESET ({names}) or a config file, or --init-from PIPELINE")
         if isinstance(spec, dict):
             return config_from_dict(cls, spec, source="--model")
         if spec in self.cfg.model_presets():
@@ -326,7 +327,7 @@ class Stage:
                 if encoder is not None and tokenizer is not None:
                     break
             if encoder is None or tokenizer is None:
-                raise ValueError(
+                raise UserError(
                     f"Stage {self.name.upper()} needs a text encoder: give --init-from/--pipeline PIPELINE or "
                     "--text-encoder FOLDER (random:WIDTH for a smoke test)"
                 )
@@ -347,7 +348,7 @@ class Stage:
             return load_model(SemanticCompressor, folder).to(self.device), True
         model = self.part("semantic")
         if model is None:
-            raise ValueError(
+            raise UserError(
                 f"Stage {self.name.upper()} needs the semantic compressor: give --semantic FOLDER (e.g. converted "
                 "from the official checkpoint), a pipeline folder with semantic/, or a preset for a smoke test"
             )
@@ -365,13 +366,13 @@ class Stage:
     def _make_source(self) -> FolderDataset | WebDatasetSource:
         cfg = self.cfg
         if not cfg.data:
-            raise ValueError("give --data: an image folder (image + same-named .txt caption) or webdataset shards")
+            raise UserError("give --data: an image folder (image + same-named .txt caption) or webdataset shards")
         opts = dict(random_crop=cfg.random_crop, flip=cfg.flip, bucket_multiple=cfg.bucket_multiple)
         path = Path(cfg.data)
         if path.is_dir():
             source = FolderDataset(path, cfg.image_size, **opts)
             if len(source) <= cfg.holdout:
-                raise ValueError(f"{path}: {len(source)} captioned images, not enough beyond --holdout {cfg.holdout}")
+                raise UserError(f"{path}: {len(source)} captioned images, not enough beyond --holdout {cfg.holdout}")
             return source
         if any(s in cfg.data for s in (".tar", "{", "::", "pipe:", "://")):
             return WebDatasetSource(cfg.data, cfg.image_size, **opts)
@@ -506,7 +507,7 @@ class StageCTask(Stage):
         width = getattr(self.text_encoder.config, "hidden_size", None)
         if width is not None and width != self.model_config.c_cond:
             expected = self.model_config.c_cond
-            raise ValueError(f"the text encoder gives {width}-wide states; this prior expects {expected}")
+            raise UserError(f"the text encoder gives {width}-wide states; this prior expects {expected}")
 
     def loader(self, rank: int, world_size: int):
         if self.cache is not None:
@@ -571,7 +572,7 @@ class StageBTask(Stage):
         self.tokenizer, self.text_encoder = self.load_text(("",))
         vqgan = self.part("vqgan")
         if vqgan is None:
-            raise ValueError("Stage B trains on the VQGAN's latents: give --init-from/--pipeline with a vqgan/")
+            raise UserError("Stage B trains on the VQGAN's latents: give --init-from/--pipeline with a vqgan/")
         self.vqgan = vqgan.to(device).eval().requires_grad_(False)
         semantic, self.semantic_shipped = self.load_semantic()
         if cfg.train_semantic:
@@ -582,7 +583,7 @@ class StageBTask(Stage):
             decoder, semantic if cfg.train_semantic else None, cfg.loss_weighting, cfg.semantic_recon
         ).to(device)
         if self.text_encoder.config.hidden_size != self.model_config.clip_embd:
-            raise ValueError(
+            raise UserError(
                 f"the text encoder gives {self.text_encoder.config.hidden_size}-wide states; "
                 f"this decoder expects {self.model_config.clip_embd}"
             )
