@@ -31,7 +31,7 @@ def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 @pytest.mark.parametrize(
     "ours, theirs, params",
     [
-        (StageC, "WuerstchenPrior", 993_636_896),  # ≈ 994M (REFERENCE.md)
+        (StageC, "WuerstchenPrior", 993_636_896),  # ≈ 994M, the official v2 prior
         (StageB, "WuerstchenDiffNeXt", 1_055_365_280),  # ≈ 1055M
         (StageA, "PaellaVQModel", 18_406_894),  # ≈ 18.4M
     ],

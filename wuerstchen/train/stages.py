@@ -10,7 +10,7 @@ networks, writes samples, and exports diffusers-format folders.
   image downscaled by a random factor (zeroed 10%) and on text (dropped 5%).
 - Stage A: VQGAN reconstruction + codebook/commitment loss, optional patch-GAN hinge loss.
 
-Diffusion losses follow the official code (REFERENCE.md, "Training"): t = (1 − u)·1.08 + 0.001
+Diffusion losses follow the official code (docs/training.md): t = (1 − u)·1.08 + 0.001
 clamped to [0.001, 1], per-sample mean squared error of ε, weighted by p2: 1 / (1 + ᾱ/(1 − ᾱ)).
 """
 
