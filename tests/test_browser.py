@@ -88,6 +88,8 @@ def test_empty_prompt_generates_unconditionally(page) -> None:
     page.click("#generate")
     card = page.locator(".job").first
     card.locator(".state.done").wait_for(timeout=60_000)
+    # The card turns "done" before its gallery is filled: wait for the image, as the test above does.
+    card.locator("img.result").first.wait_for(timeout=30_000)
     assert card.locator(".prompt").inner_text() == "(no prompt)"
     assert card.locator("img.result").count() == 1
     assert page.locator("#error").inner_text() == ""
