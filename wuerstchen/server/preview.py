@@ -56,8 +56,7 @@ FIT_PROMPTS: tuple[str, ...] = (
 def _semantic(pipe: WuerstchenPipeline, prior_latents: Tensor) -> Tensor:
     """Prior space → what Stage B reads (x·42 − 1 for the official weights; identity for the shipped
     model), where the map works: there the latent has unit scale, which keeps the fits conditioned."""
-    st = pipe.settings
-    return prior_latents.float() * st.latent_mean - st.latent_std
+    return pipe.prior_part.to_decoder(prior_latents.float(), pipe.settings)  # the pipeline's own map
 
 
 def _fit_side(pipe: WuerstchenPipeline) -> int:
