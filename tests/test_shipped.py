@@ -57,7 +57,7 @@ def test_same_image_in_diffusers(pipe):
         text_encoder=CLIPTextModel.from_pretrained(f / "prior_text_encoder", dtype=torch.float32),
         tokenizer=AutoTokenizer.from_pretrained(f / "prior_tokenizer"),
         scheduler=DDPMWuerstchenScheduler.from_pretrained(f / "prior_scheduler"),
-        latent_mean=st.latent_mean, latent_std=st.latent_std, resolution_multiple=st.resolution_multiple,
+        latent_mean=st.latent_scale, latent_std=st.latent_shift, resolution_multiple=st.resolution_multiple,
     )  # fmt: skip
     decoder = WuerstchenDecoderPipeline(
         decoder=WuerstchenDiffNeXt.from_pretrained(f / "decoder", **fp32),

@@ -28,8 +28,11 @@ Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x, r) → ε, float32
 class PipelineSettings:
     """How the stages fit together (diffusers keeps these in `model_index.json`)."""
 
-    latent_mean: float = 42.0  # diffusers' name for a scale: prior latents are trained on (x + 1) / 42 ...
-    latent_std: float = 1.0  # ... and diffusers' name for a shift: they map back to x · 42 − 1
+    # Stage C's latents are the semantic latent z stored as (z + shift) / scale; sampled ones map
+    # back to x · scale − shift (x · 42 − 1 for the official v2 weights). model_index.json names
+    # them `latent_mean` (the scale) and `latent_std` (the shift): see `INDEX_NAMES`.
+    latent_scale: float = 42.0
+    latent_shift: float = 1.0
     resolution_multiple: float = 42.67  # image side / Stage C latent side
     latent_dim_scale: float = 10.67  # Stage B latent side / Stage C latent side
     s: float = 0.008  # cosine-schedule offset of both schedulers
@@ -38,6 +41,10 @@ class PipelineSettings:
     def prior_side(self, hw: tuple[int, ...]) -> tuple[int, int]:
         """Image (height, width) in px → the Stage C latent's: ⌈side / 42.67⌉ for the official weights."""
         return math.ceil(hw[0] / self.resolution_multiple), math.ceil(hw[1] / self.resolution_multiple)
+
+
+# PipelineSettings field ← its key in diffusers' model_index.json, where the names differ.
+INDEX_NAMES = {"latent_scale": "latent_mean", "latent_shift": "latent_std"}
 
 
 def guided(model_out: Callable[[Tensor, Tensor], Tensor], guidance_scale: float) -> Denoiser:
@@ -75,7 +82,11 @@ class PriorV2:
 
     def to_decoder(self, x: Tensor, st: PipelineSettings) -> Tensor:
         """Prior space → the semantic latent Stage B reads (x · 42 − 1 for the official weights)."""
-        return x * st.latent_mean - st.latent_std
+        return x * st.latent_scale - st.latent_shift
+
+    def from_decoder(self, z: Tensor, st: PipelineSettings) -> Tensor:
+        """The semantic latent → the prior's space, where the sampler adds its noise (training)."""
+        return (z + st.latent_shift) / st.latent_scale
 
 
 class DecoderV2:

@@ -51,8 +51,8 @@ SIZE = 128
 SETTINGS = {
     "resolution_multiple": 16.0,  # 128 px → an 8 × 8 Stage C latent
     "latent_dim_scale": 4.0,  # 8 × 8 → the 32 × 32 Stage B / VQGAN latent
-    "latent_mean": 1.0,  # the prior's latent is the semantic latent itself
-    "latent_std": 0.0,
+    "latent_scale": 1.0,  # the prior's latent is the semantic latent itself
+    "latent_shift": 0.0,
     "default_size": SIZE,
 }
 STAGE_A_MODEL = {"levels": 2, "embed_dim": 64, "bottleneck_blocks": 2, "num_vq_embeddings": 256, "scale_factor": 1.0}

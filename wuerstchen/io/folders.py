@@ -25,7 +25,7 @@ from ..hardware import resolve_dtype
 from ..models.stage_a import StageA
 from ..models.stage_b import StageB
 from ..models.stage_c import StageC
-from ..parts import PipelineSettings
+from ..parts import INDEX_NAMES, PipelineSettings
 
 if TYPE_CHECKING:  # the pipeline class comes in as an argument: the pipeline module imports this one
     from ..pipeline import WuerstchenPipeline
@@ -152,9 +152,9 @@ def load_pipeline(
     parts: dict[str, Any] = {}
 
     def take_settings(idx: dict[str, Any]) -> None:
-        for key in ("latent_mean", "latent_std", "resolution_multiple", "latent_dim_scale", "default_size"):
-            if key in idx:
-                settings[key] = idx[key]
+        for name in ("latent_scale", "latent_shift", "resolution_multiple", "latent_dim_scale", "default_size"):
+            if (key := INDEX_NAMES.get(name, name)) in idx:
+                settings[name] = idx[key]
 
     def load_prior_part(folder: Path, prefix: str, idx: dict[str, Any]) -> None:
         model_dir = folder / ("prior_prior" if prefix else "prior")
@@ -241,10 +241,8 @@ def save_pipeline(pipe: WuerstchenPipeline, folder: str | Path) -> None:
     try:
         index: dict[str, Any] = {"_class_name": "WuerstchenCombinedPipeline", "_diffusers_version": "0.42.1"}
         st = pipe.settings
-        index.update(
-            latent_mean=st.latent_mean, latent_std=st.latent_std, resolution_multiple=st.resolution_multiple,
-            latent_dim_scale=st.latent_dim_scale, default_size=st.default_size,
-        )  # fmt: skip
+        for name in ("latent_scale", "latent_shift", "resolution_multiple", "latent_dim_scale", "default_size"):
+            index[INDEX_NAMES.get(name, name)] = getattr(st, name)
         for name, model in (("prior_prior", pipe.prior), ("decoder", pipe.decoder), ("vqgan", pipe.vqgan)):
             if model is not None:
                 save_model(model, tmp / name)

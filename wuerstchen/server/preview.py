@@ -129,7 +129,7 @@ def fit_compressor_map(
         z = semantic.encode(images.to(pipe.device, dtype), size=(h, w)).float().cpu()
     target = F.adaptive_avg_pool2d(images, (h * scale, w * scale))
     st = pipe.settings
-    x0 = (z + st.latent_std) / st.latent_mean  # back to prior space, where the sampler adds its noise
+    x0 = pipe.prior_part.from_decoder(z, st)
 
     with torch.random.fork_rng(devices=[]):  # a fixed initialisation, without touching the caller's RNG
         torch.manual_seed(seed)

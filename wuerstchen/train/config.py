@@ -112,8 +112,11 @@ class TrainConfig:
         if isinstance(self.settings, str):
             raise UserError(f"--settings must be a JSON object, got {self.settings!r}")
         if self.settings is not None:
-            from ..pipeline import PipelineSettings
+            from ..parts import INDEX_NAMES, PipelineSettings
 
+            # model_index.json's names (latent_mean, latent_std) are accepted for ours.
+            ours = {v: k for k, v in INDEX_NAMES.items()}
+            object.__setattr__(self, "settings", {ours.get(k, k): v for k, v in self.settings.items()})
             unknown = sorted(set(self.settings) - set(PipelineSettings.__dataclass_fields__))
             if unknown:
                 known = ", ".join(PipelineSettings.__dataclass_fields__)

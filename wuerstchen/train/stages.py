@@ -34,6 +34,7 @@ from ..models.stage_a import StageA
 from ..models.stage_b import StageB
 from ..models.stage_c import StageC
 from ..models.text import encode_prompts
+from ..parts import PRIOR_V2
 from ..pipeline import PipelineSettings, WuerstchenPipeline, to_output
 from ..sampling import add_noise, alpha_cumprod
 from .config import DiffusionTrainConfig, StageATrainConfig, StageBTrainConfig, StageCTrainConfig, TrainConfig
@@ -528,7 +529,7 @@ class StageCTask(Stage):
             text = self.encode_text(batch["caption"], drop)
             semantic = self.semantic.encode(images, size=self.settings.prior_side(images.shape[-2:])).float()
         st = self.settings
-        x0 = (semantic + st.latent_std) / st.latent_mean  # the prior's space; sampled latents map back x·42 − 1
+        x0 = PRIOR_V2.from_decoder(semantic, st)  # the prior's space; sampled latents map back x·42 − 1
         t = sample_t(n, generator)
         noise = torch.randn(x0.shape, generator=generator, device=generator.device)
         return dict(x0=x0, noise=noise, t=t, text=text)
