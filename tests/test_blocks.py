@@ -1,6 +1,7 @@
-"""The shared building blocks: the fast inference path of GlobalResponseNorm against the training
-path, and finite gradients where a channel is all zeros (as GELU underflow makes in bfloat16);
-Stage B's semantic condition projected once per generation against concatenated at every step."""
+"""The shared building blocks: the fast inference paths (`kernels.inference_kernels()`) against the
+reference arithmetic, and the pipeline running them; finite gradients where a channel is all zeros
+(as GELU underflow makes in bfloat16); Stage B's semantic condition projected once per generation
+against concatenated at every step."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import torch
 from tolerance import BF16_EPS, rel_err
 
 from wuerstchen.models.blocks import GlobalResponseNorm
+from wuerstchen.models.kernels import inference_kernels
 
 
 def _grn(dim: int) -> GlobalResponseNorm:
@@ -22,10 +24,47 @@ def _grn(dim: int) -> GlobalResponseNorm:
 def test_inference_path_matches_the_training_path():
     grn, x = _grn(8), torch.randn(2, 5, 6, 8)
     with torch.no_grad():
-        fast = grn(x)
+        with inference_kernels():
+            fast = grn(x)
+        plain = grn(x)
     # The same float32 formula in another order; outputs up to ~8. Measured ≤ 3.3e-7 relative here
     # (500 random draws; AVX2 kernels alike); the former bound, 1e-5 absolute, was ~1.2e-6 relative.
-    assert rel_err(fast, grn(x)) <= 1e-6
+    assert rel_err(fast, plain) <= 1e-6
+
+
+def test_fast_paths_only_inside_the_block_and_without_autograd(monkeypatch):
+    calls = []
+    monkeypatch.setattr(GlobalResponseNorm, "_forward_fast", lambda self, x: calls.append(1) or x)
+    grn, x = _grn(4), torch.randn(1, 3, 3, 4)
+    with torch.no_grad():
+        grn(x)
+    with inference_kernels():
+        grn(x)  # autograd on: the reference
+        with torch.no_grad(), inference_kernels(enabled=False):
+            grn(x)
+        with torch.no_grad():
+            grn(x)
+    assert len(calls) == 1
+
+
+def test_the_pipeline_runs_the_fast_paths(tiny_folder, monkeypatch):
+    from wuerstchen import WuerstchenPipeline
+    from wuerstchen.models.stage_a import MixingResidualBlock
+
+    calls = {"grn": 0, "vqgan": 0}
+
+    def counted(name, fn):
+        def run(self, x):
+            calls[name] += 1
+            return fn(self, x)
+
+        return run
+
+    monkeypatch.setattr(GlobalResponseNorm, "_forward_fast", counted("grn", GlobalResponseNorm._forward_fast))
+    monkeypatch.setattr(MixingResidualBlock, "_forward_lean", counted("vqgan", MixingResidualBlock._forward_lean))
+    pipe = WuerstchenPipeline.from_pretrained(tiny_folder)
+    pipe("a", height=128, width=128, prior_num_inference_steps=2, num_inference_steps=2, seed=0)
+    assert calls["grn"] > 0 and calls["vqgan"] > 0
 
 
 def test_gradient_is_finite_where_a_channel_is_zero():
@@ -97,9 +136,10 @@ def test_vqgan_block_inference_path_matches_the_training_path(shape, channels_la
     x = torch.randn(shape)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    plain = block(x)  # autograd on: the training path
     with torch.no_grad():
-        lean = block(x)
+        plain = block(x)
+        with inference_kernels():
+            lean = block(x)
     assert rel_err(lean, plain) <= 1e-6  # float32 rounding: measured 0 here, 8e-8 with MKL_CBWR=COMPATIBLE
 
 
@@ -113,7 +153,7 @@ def test_cpu_bfloat16_attention_matches_sdpa(queries):
 
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, n, 16) for n in (queries, 70, 70))
-    with torch.no_grad():
+    with torch.no_grad(), inference_kernels():
         out = attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
     ref = F.scaled_dot_product_attention(q, k, v)
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape

@@ -22,8 +22,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -209,6 +209,7 @@ def ablations(
     from unittest import mock
 
     from .models import blocks, stage_b, stage_c
+    from .models.kernels import inference_kernels
     from .models.onednn import packed_linears
     from .sampling import sample, timesteps
 
@@ -221,9 +222,11 @@ def ablations(
     x_dec = torch.randn(1, pipe.decoder.config.c_in, hb, wb, generator=torch.Generator().manual_seed(2))
     prior, decoder = pipe.prior, pipe.decoder
 
-    def run(cache_text: bool, batched_cfg: bool, packed: tuple[str, ...] = ("prior",)) -> float:
-        def stage(name: str) -> AbstractContextManager:  # as the pipeline does (`packed_stages`)
-            return packed_linears(name in packed)
+    def run(cache_text: bool, batched_cfg: bool, packed: tuple[str, ...] = ("prior",), fast: bool = True) -> float:
+        @contextmanager
+        def stage(name: str) -> Iterator[None]:  # as the pipeline does (`packed_stages`, `Placement.placed`)
+            with packed_linears(name in packed), inference_kernels(fast):
+                yield
 
         with stage("prior"):
             kv = prior.condition(text)
@@ -273,6 +276,7 @@ def ablations(
         "prior's Linear layers as F.linear": lambda: run(True, True, packed=()),
         "(decoder's on oneDNN too)": lambda: run(True, True, packed=("prior", "decoder")),
         "semantic projection every step": without_projection,
+        "reference GRN and attention (no inference_kernels)": lambda: run(True, True, fast=False),
         "no channels-last": without_channels_last,
     }
     # Alternate the variants and keep each one's best, so drift in the machine's speed hits all alike.

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .models.kernels import inference_kernels
 from .models.onednn import packed_linears
 
 
@@ -52,8 +53,9 @@ class Placement:
     @contextmanager
     def placed(self, name: str, module: nn.Module, packed: bool = False) -> Iterator[Callable]:
         """Yield the callable for model `name` on the execution device, honouring offload; with
-        `packed` (a CPU stage), its Linear layers run on oneDNN with weights packed for the block."""
-        with packed_linears(packed and name not in self.compiled):
+        `packed` (a CPU stage), its Linear layers run on oneDNN with weights packed for the block.
+        The models' fast inference paths (`kernels`) are on inside it."""
+        with packed_linears(packed and name not in self.compiled), inference_kernels():
             with self._offloaded(module):
                 yield self.compiled.get(name, module)
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .onednn import Linear, linear, linear_add
 
 
@@ -50,7 +51,9 @@ def r_embedding(r: Tensor, c_r: int, max_positions: int = 10000) -> Tensor:
 
 
 class GlobalResponseNorm(nn.Module):
-    """ConvNeXt-V2 GRN on NHWC tensors: `γ·(x·n) + β + x`, `n = ‖x‖_HW / mean_c ‖x‖_HW`."""
+    """ConvNeXt-V2 GRN on NHWC tensors: `γ·(x·n) + β + x`, `n = ‖x‖_HW / mean_c ‖x‖_HW`.
+
+    A fast path inside `kernels.inference_kernels()`."""
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -58,15 +61,18 @@ class GlobalResponseNorm(nn.Module):
         self.beta = nn.Parameter(torch.zeros(1, 1, 1, dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.is_grad_enabled():
-            # vector_norm's gradient is 0 where a channel is all zeros; √Σx²'s would be inf·0 = NaN.
-            g = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
-            n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
-            return self.gamma * (x * n) + self.beta + x
-        # Inference: ‖x‖ over H, W as √Σx², 5–10× faster on a CPU than `linalg.vector_norm` over the
-        # two non-innermost dims of an NHWC tensor (the sum accumulates in float32 for bfloat16 too;
-        # float16 squares could overflow, so they are summed as float32), and the tail as one pass
-        # over x: γ·(x·n) + β + x = x·(γ·n + 1) + β.
+        if kernels.active():
+            return self._forward_fast(x)
+        # vector_norm's gradient is 0 where a channel is all zeros; √Σx²'s would be inf·0 = NaN.
+        g = torch.linalg.vector_norm(x, dim=(1, 2), keepdim=True)
+        n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
+        return self.gamma * (x * n) + self.beta + x
+
+    def _forward_fast(self, x: Tensor) -> Tensor:
+        """‖x‖ over H, W as √Σx², 5–10× faster on a CPU than `linalg.vector_norm` over the two
+        non-innermost dims of an NHWC tensor (the sum accumulates in float32 for bfloat16 too; float16
+        squares could overflow, so they are summed as float32), and the tail as one pass over x:
+        γ·(x·n) + β + x = x·(γ·n + 1) + β."""
         wide = torch.float32 if x.dtype == torch.float16 else None
         g = x.square().sum(dim=(1, 2), keepdim=True, dtype=wide).sqrt().to(x.dtype)
         n = g / (g.mean(dim=-1, keepdim=True) + 1e-6)
@@ -162,19 +168,20 @@ MATMUL_ATTENTION_MAX_QUERIES = 512
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
-    """`scaled_dot_product_attention` of (B, heads, N, d) tensors, except in bfloat16 on a CPU at
-    inference for at most `MATMUL_ATTENTION_MAX_QUERIES` queries: there two bf16 matmuls with a
-    softmax between them beat torch's fused kernel, 1.3–1.55× at 144–256 queries on 2 cores (the
-    medium prior's and the decoder's deeper levels), while from ~600 queries on the fused kernel is
-    faster. The scores are rounded to bfloat16 before the softmax (torch has no CPU matmul with a
-    wider output); `wuerstchen bench` finds the bfloat16 decoder latents as far from the float32
-    ones as with the fused kernel (0.47% mean relative error)."""
+    """`scaled_dot_product_attention` of (B, heads, N, d) tensors, except inside
+    `kernels.inference_kernels()` in bfloat16 on a CPU for at most `MATMUL_ATTENTION_MAX_QUERIES`
+    queries: there two bf16 matmuls with a softmax between them beat torch's fused kernel, 1.3–1.55×
+    at 144–256 queries on 2 cores (the medium prior's and the decoder's deeper levels), while from
+    ~600 queries on the fused kernel is faster. The scores are rounded to bfloat16 before the
+    softmax (torch has no CPU matmul with a wider output); `wuerstchen bench` finds the bfloat16
+    decoder latents as far from the float32 ones as with the fused kernel (0.47% mean relative
+    error)."""
     if (
         q.device.type != "cpu"
         or q.dtype != torch.bfloat16
         or q.shape[-2] > MATMUL_ATTENTION_MAX_QUERIES
         or dropout_p
-        or torch.is_grad_enabled()
+        or not kernels.active()
     ):
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import kernels
 from .blocks import MLP
 from .onednn import Linear
 
@@ -56,7 +57,7 @@ class MixingResidualBlock(nn.Module):
         self.gammas = nn.Parameter(torch.zeros(6))
 
     def forward(self, x: Tensor) -> Tensor:
-        if not torch.is_grad_enabled():
+        if kernels.active():
             return self._forward_lean(x)
         g = self.gammas
         c = x.shape[1]
@@ -66,9 +67,9 @@ class MixingResidualBlock(nn.Module):
         return x + self.channelwise(h).permute(0, 3, 1, 2) * g[5]
 
     def _forward_lean(self, x: Tensor) -> Tensor:
-        """`forward` at inference, the same arithmetic with fewer full-size tensors alive: the
-        decoder's last blocks run at full resolution and set the pipeline's peak memory. Everything
-        runs on bands of rows, into one new output tensor: the first pre-norm of a band and its
+        """`forward` inside `kernels.inference_kernels()`: the same arithmetic with fewer full-size
+        tensors alive. The decoder's last blocks run at full resolution and set the pipeline's peak
+        memory. Everything runs on bands of rows, into one new output tensor: the first pre-norm of a band and its
         halo rows is written, scaled and shifted, into a replicate-padded band the depthwise conv
         reads, whose result plus `x` fills the band of the output; then the second pre-norm and the
         MLP, whose 4×-wide hidden activation (and its GELU: 2 × 805 MB for a 1024² image with the
