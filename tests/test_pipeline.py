@@ -205,8 +205,8 @@ def test_long_prompt_is_truncated_with_a_warning(pipe, caplog):
 
 
 def test_compel_style_embeds(pipe):
-    embeds = pipe.encode_prompt("prior", ["a red circle"], None, False, 1)
-    dec = pipe.encode_prompt("decoder", ["a red circle"], None, False, 1)
+    (embeds,) = pipe.encode_prompt("prior", ["a red circle"], None, False, 1)  # token states (B, 77, D)
+    (dec,) = pipe.encode_prompt("decoder", ["a red circle"], None, False, 1)
     a = pipe(prompt_embeds=embeds, decoder_prompt_embeds=dec, seed=2, **FAST).images
     b = pipe("a red circle", seed=2, **FAST).images
     assert torch.equal(a, b)

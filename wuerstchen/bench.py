@@ -214,8 +214,8 @@ def ablations(
     from .sampling import sample, timesteps
 
     h, w = pipe.prior_latent_size(size, size)
-    text = pipe.encode_prompt("prior", [PROMPT], None, True, 1)  # (2, 77, D): [cond; uncond]
-    dec_text = pipe.encode_prompt("decoder", [PROMPT], None, False, 1)
+    (text,) = pipe.encode_prompt("prior", [PROMPT], None, True, 1)  # (2, 77, D): [cond; uncond]
+    (dec_text,) = pipe.encode_prompt("decoder", [PROMPT], None, False, 1)
     x_prior = torch.randn(1, pipe.prior.config.c_in, h, w, generator=torch.Generator().manual_seed(0))
     effnet = torch.randn(1, 16, h, w, generator=torch.Generator().manual_seed(1))
     hb, wb = int(h * pipe.settings.latent_dim_scale), int(w * pipe.settings.latent_dim_scale)

@@ -14,14 +14,20 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from .errors import UserError
 from .models.stage_b import StageB
 from .models.stage_c import StageC
+from .models.text import encode_prompts
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x, r) → ε, float32
+# A stage's text conditions, batch first, as its part encodes them: v2 (token states,); Stable
+# Cascade's prior (token states, pooled embedding), its decoder (pooled embedding,).
+Text = tuple[Tensor, ...]
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,14 @@ class PriorV2:
     image side. The text K/V of every attention block is computed once per generation; with CFG the
     latent enters once for both halves (`copies=2`)."""
 
+    def encode_text(self, tokenizer: Any, encoder: nn.Module, texts: list[str], device: torch.device,
+                    weighting: bool, warn: bool) -> Text:  # fmt: skip
+        return (encode_prompts(tokenizer, encoder, texts, device, weighting, warn),)
+
+    def image_condition(self, pipe: Any, images: Any, image_embeds: Tensor | None, n: int, cfg: bool) -> None:
+        if images is not None or image_embeds is not None:
+            raise UserError("Würstchen v2 takes no image inputs: image variations need a Stable Cascade model")
+
     def latent_shape(self, model: StageC, n: int, height: int, width: int, st: PipelineSettings) -> tuple[int, ...]:
         return (
             n,
@@ -73,10 +87,10 @@ class PriorV2:
             math.ceil(width / st.resolution_multiple),
         )
 
-    def denoiser(self, model: StageC, run: nn.Module, text: Tensor, guidance_scale: float) -> Denoiser:
+    def denoiser(self, model: StageC, run: nn.Module, text: Text, guidance_scale: float, image: None) -> Denoiser:
         """`run` is the module to call (the model itself, or its compiled form)."""
         dtype = model.projection.weight.dtype
-        kv = model.condition(text.to(dtype))
+        kv = model.condition(text[0].to(dtype))
         copies = 2 if guidance_scale > 1 else 1
         return guided(lambda x, r: run(x.to(dtype), r, kv=kv, copies=copies), guidance_scale)
 
@@ -95,16 +109,22 @@ class DecoderV2:
     computed once per generation; CFG runs both halves in one batch, the unconditioned half with
     a zeroed semantic latent."""
 
+    encode_text = PriorV2.encode_text
+
+    def text_from_prior(self, text: Text | None, negative: Text | None) -> None:
+        """v2's decoder has a text encoder of its own (CLIP ViT-H for the official weights)."""
+        return None
+
     def latent_shape(self, model: StageB, semantic: Tensor, st: PipelineSettings) -> tuple[int, ...]:
         h, w = (int(side * st.latent_dim_scale) for side in semantic.shape[2:])
         return (semantic.shape[0], model.config.c_in, h, w)
 
-    def denoiser(self, model: StageB, run: nn.Module, semantic: Tensor, text: Tensor, guidance_scale: float,
+    def denoiser(self, model: StageB, run: nn.Module, semantic: Tensor, text: Text, guidance_scale: float,
                  size: tuple[int, int]) -> Denoiser:  # fmt: skip
         dtype = model.clip_mapper.weight.dtype
         cfg = guidance_scale > 1
         effnet = torch.cat([semantic, torch.zeros_like(semantic)]) if cfg else semantic
-        cond = model.condition(effnet.to(dtype), text.to(dtype), size)
+        cond = model.condition(effnet.to(dtype), text[0].to(dtype), size)
         if not cfg:
             return guided(lambda x, r: run(x.to(dtype), r, cond=cond), guidance_scale)
         return guided(lambda x, r: run(torch.cat([x, x]).to(dtype), torch.cat([r, r]), cond=cond), guidance_scale)

@@ -33,8 +33,7 @@ from .hardware import check_dtype
 from .models.stage_a import StageA
 from .models.stage_b import StageB
 from .models.stage_c import StageC
-from .models.text import encode_prompts
-from .parts import DECODER_V2, PRIOR_V2, Denoiser, PipelineSettings
+from .parts import DECODER_V2, PRIOR_V2, Denoiser, PipelineSettings, Text
 from .placement import Placement
 from .sampling import Generator, randn, sample, timesteps
 
@@ -53,6 +52,10 @@ class WuerstchenPipelineOutput:
 class PriorOutput:
     image_embeddings: Tensor  # Stage C latents mapped for Stage B: (B, 16, h, w)
     generator: Generator = field(default=None, repr=False)
+    # The prior's text conditions per image (B rows), and the negatives' when it was guided: Stable
+    # Cascade's decoder reads the prior's pooled embeddings (as diffusers' combined pipeline).
+    text: Text | None = field(default=None, repr=False)
+    negative_text: Text | None = field(default=None, repr=False)
 
 
 def _as_list(value: str | Sequence[str] | None, name: str) -> list[str] | None:
@@ -136,20 +139,34 @@ def _generators(generator: Generator, seed: int | None, count: int) -> Generator
     return generator
 
 
-def _with_negatives(encode: Callable[[list[str]], Tensor], cond: Tensor, negative: list[str] | None,
-                    negative_embeds: Tensor | None, repeat: int) -> Tensor:  # fmt: skip
+def _with_negatives(encode: Callable[[list[str]], Text], cond: Text, negative: list[str] | None,
+                    negative_embeds: Text | None, repeat: int) -> Text:  # fmt: skip
     """[cond; uncond] for classifier-free guidance: one negative prompt for all, or one per prompt,
     or given states; the empty prompt when none is given."""
     if negative_embeds is None:
-        batch = cond.shape[0] // repeat
+        batch = cond[0].shape[0] // repeat
         negative = negative or [""]
         if len(negative) not in (1, batch):
             raise UserError(f"got {len(negative)} negative prompts for {batch} prompts: give one, or one per prompt")
         negative_embeds = encode(negative * batch if len(negative) == 1 else negative)
-    uncond = negative_embeds.to(cond.device).repeat_interleave(repeat, dim=0)
-    if uncond.shape != cond.shape:
-        raise UserError(f"negative text states {tuple(uncond.shape)} do not match the prompt's {tuple(cond.shape)}")
-    return torch.cat([cond, uncond.to(cond.dtype)])
+    if len(negative_embeds) != len(cond):
+        raise UserError("give the negative prompt's pooled embedding too, as for the prompt")
+    out = []
+    for c, u in zip(cond, negative_embeds, strict=True):
+        u = u.to(c.device, c.dtype).repeat_interleave(repeat, dim=0)
+        if u.shape != c.shape:
+            raise UserError(f"negative text states {tuple(u.shape)} do not match the prompt's {tuple(c.shape)}")
+        out.append(torch.cat([c, u]))
+    return tuple(out)
+
+
+def _given(embeds: Tensor | None, pooled: Tensor | None, what: str) -> Text | None:
+    """User-given text conditions as the parts take them: (states,) or (states, pooled)."""
+    if embeds is None:
+        if pooled is not None:
+            raise UserError(f"`{what}_pooled` needs `{what}` too (the token states it was pooled from)")
+        return None
+    return (embeds,) if pooled is None else (embeds, pooled if pooled.dim() == 3 else pooled[:, None])
 
 
 def _check_finite(x: Tensor, stage: str) -> None:
@@ -288,21 +305,23 @@ class WuerstchenPipeline:
     # fmt: off
     def encode_prompt(
         self, which: str, prompts: list[str] | None, negative: list[str] | None, cfg: bool, repeat: int,
-        prompt_embeds: Tensor | None = None, negative_prompt_embeds: Tensor | None = None, weighting: bool = True,
+        prompt_embeds: Text | None = None, negative_prompt_embeds: Text | None = None, weighting: bool = True,
         warn: bool = True,
-    ) -> Tensor:
+    ) -> Text:
         # fmt: on
-        """Text states for one stage ("prior" or "decoder"): (B·repeat, L, D), the negatives'
-        appended when `cfg`. `warn=False`: no words-outside-the-vocabulary or truncation warnings."""
+        """Text conditions for one stage ("prior" or "decoder"), as its part reads them (v2: the token
+        states (B·repeat, L, D); v3's prior: those and the pooled embedding), the negatives' appended
+        when `cfg`. `warn=False`: no words-outside-the-vocabulary or truncation warnings."""
         tokenizer = self.prior_tokenizer if which == "prior" else self.tokenizer
         name = "prior_text_encoder" if which == "prior" else "text_encoder"
+        part = self.prior_part if which == "prior" else self.decoder_part
 
-        def encode(texts: list[str]) -> Tensor:
+        def encode(texts: list[str]) -> Text:
             with self._placed(name) as encoder:
-                return encode_prompts(tokenizer, encoder, texts, self.device, weighting, warn)
+                return part.encode_text(tokenizer, encoder, texts, self.device, weighting, warn)
 
         cond = prompt_embeds if prompt_embeds is not None else encode(prompts)
-        cond = cond.to(self.device).repeat_interleave(repeat, dim=0)
+        cond = tuple(t.to(self.device).repeat_interleave(repeat, dim=0) for t in cond)
         return _with_negatives(encode, cond, negative, negative_prompt_embeds, repeat) if cfg else cond
 
     # ----------------------------------------------------------------------------- stages
@@ -333,9 +352,11 @@ class WuerstchenPipeline:
         negative_prompt_embeds: Tensor | None = None, num_images_per_prompt: int = 1, generator: Generator = None,
         seed: int | None = None, latents: Tensor | None = None, callback_on_step_end: Callable | None = None,
         step_hook: StepHook | None = None, sampler: str = "ddpm", prompt_weighting: bool = True,
+        prompt_embeds_pooled: Tensor | None = None, negative_prompt_embeds_pooled: Tensor | None = None,
+        images: Any = None, image_embeds: Tensor | None = None,
     ) -> PriorOutput:
         # fmt: on
-        """Stage C alone: text → semantic latents, mapped (x·42 − 1) for Stage B."""
+        """Stage C alone: text (and, for Stable Cascade, images) → semantic latents, mapped for Stage B."""
         if self.prior is None:
             raise UserError("this pipeline has no prior (Stage C): load one to generate from text")
         prompts = _as_list(prompt, "prompt")
@@ -349,13 +370,17 @@ class WuerstchenPipeline:
         n = (len(prompts) if prompts is not None else prompt_embeds.shape[0]) * num_images_per_prompt
         generator = _generators(generator, seed, n)
         negatives, cfg = _as_list(negative_prompt, "negative_prompt"), guidance_scale > 1
-        text = self.encode_prompt("prior", prompts, negatives, cfg, num_images_per_prompt, prompt_embeds,
-                                  negative_prompt_embeds, prompt_weighting)  # fmt: skip
+        given = _given(prompt_embeds, prompt_embeds_pooled, "prompt_embeds")
+        given_neg = _given(negative_prompt_embeds, negative_prompt_embeds_pooled, "negative_prompt_embeds")
+        text = self.encode_prompt("prior", prompts, negatives, cfg, num_images_per_prompt, given, given_neg,
+                                  prompt_weighting)  # fmt: skip
+        image = self.prior_part.image_condition(self, images, image_embeds, n, cfg)
         shape = self.prior_part.latent_shape(self.prior, n, height, width, self.settings)
         x = _noise(latents, shape, generator, self.device, "`latents`")
-        denoiser = lambda run: self.prior_part.denoiser(self.prior, run, text, guidance_scale)  # noqa: E731
+        denoiser = lambda run: self.prior_part.denoiser(self.prior, run, text, guidance_scale, image)  # noqa: E731
         x = self._sample("prior", denoiser, x, times, sampler, generator, callback_on_step_end, step_hook)
-        return PriorOutput(self.prior_part.to_decoder(x, self.settings), generator)
+        halves = [tuple(t.chunk(2)[i] for t in text) for i in (0, 1)] if cfg else [text, None]
+        return PriorOutput(self.prior_part.to_decoder(x, self.settings), generator, *halves)
 
     @torch.no_grad()
     # fmt: off
@@ -387,8 +412,9 @@ class WuerstchenPipeline:
             if len(prompts) != per_latent:
                 raise UserError(f"got {len(prompts)} prompts for {per_latent} semantic latents")
         negatives, cfg = _as_list(negative_prompt, "negative_prompt"), guidance_scale > 1
-        text = self.encode_prompt("decoder", prompts, negatives, cfg, num_images_per_prompt, prompt_embeds,
-                                  negative_prompt_embeds, prompt_weighting, warn)  # fmt: skip
+        as_text = lambda t: (t,) if isinstance(t, Tensor) else t  # noqa: E731  (a Tensor, or a part's Text)
+        text = self.encode_prompt("decoder", prompts, negatives, cfg, num_images_per_prompt, as_text(prompt_embeds),
+                                  as_text(negative_prompt_embeds), prompt_weighting, warn)  # fmt: skip
         semantic = image_embeddings.to(self.device).repeat_interleave(num_images_per_prompt, dim=0)
         generator = _generators(generator, seed, semantic.shape[0])
         shape = self.decoder_part.latent_shape(self.decoder, semantic, self.settings)
@@ -446,27 +472,38 @@ class WuerstchenPipeline:
             callback_on_step_end=prior_callback_on_step_end, step_hook=step_hook, sampler=sampler,
             prompt_weighting=prompt_weighting,
         )  # fmt: skip
-        # The decoder reads the same prompts through its own text encoder, once per prompt, repeated for
-        # each image of it (diffusers' decoder multiplies a list of prompts twice here). The prior's
-        # encoder has warned about them already (unknown words, truncation).
-        n = num_images_per_prompt
-        prompts = _as_list(prompt, "prompt") or [""] * (prior.image_embeddings.shape[0] // n)
-        if decoder_prompt_embeds is None:
-            decoder_prompt_embeds = self.encode_prompt(
-                "decoder", prompts, None, False, 1, weighting=prompt_weighting, warn=prompt_embeds is not None
-            )
-        if decoder_negative_prompt_embeds is None and decoder_guidance_scale > 1:
-            negatives = _as_list(negative_prompt, "negative_prompt") or [""]
-            decoder_negative_prompt_embeds = self.encode_prompt(
-                "decoder", negatives * len(prompts) if len(negatives) == 1 else negatives, None, False, 1,
-                weighting=prompt_weighting, warn=prompt_embeds is not None,
-            )  # fmt: skip
-        neg = decoder_negative_prompt_embeds
+        text, neg = self._decoder_text(
+            prior, prompt, negative_prompt, decoder_prompt_embeds, decoder_negative_prompt_embeds,
+            decoder_guidance_scale > 1, num_images_per_prompt, prompt_weighting, warn=prompt_embeds is not None,
+        )  # fmt: skip
         out = self.decode(
             prior.image_embeddings, num_inference_steps=num_inference_steps, timesteps=decoder_timesteps,
-            guidance_scale=decoder_guidance_scale, prompt_embeds=decoder_prompt_embeds.repeat_interleave(n, dim=0),
-            negative_prompt_embeds=None if neg is None else neg.repeat_interleave(n, dim=0),
+            guidance_scale=decoder_guidance_scale, prompt_embeds=text, negative_prompt_embeds=neg,
             generator=prior.generator, output_type=output_type, callback_on_step_end=callback_on_step_end,
             step_hook=step_hook, sampler=sampler, prompt_weighting=prompt_weighting,
         )  # fmt: skip
         return out if return_dict else (out.images,)
+
+    def _decoder_text(self, prior: PriorOutput, prompt: Any, negative_prompt: Any, embeds: Tensor | None,
+                      negative_embeds: Tensor | None, cfg: bool, n: int, weighting: bool,
+                      warn: bool) -> tuple[Text, Text | None]:  # fmt: skip
+        """Stage B's text conditions per image in a text-to-image call: the prior's, where the part
+        reads those (Stable Cascade), else the prompts through the decoder's own text encoder, once
+        per prompt and repeated for each of its images (diffusers' v2 decoder multiplies a list of
+        prompts twice here). The prior's encoder has warned about the prompts already."""
+        prompts = _as_list(prompt, "prompt") or [""] * (prior.image_embeddings.shape[0] // n)
+        per_image = lambda t: tuple(x.repeat_interleave(n, dim=0) for x in t)  # noqa: E731
+
+        def encoded(texts: list[str]) -> Text:
+            return per_image(self.encode_prompt("decoder", texts, None, False, 1, weighting=weighting, warn=warn))
+
+        reused = self.decoder_part.text_from_prior(prior.text, prior.negative_text)
+        text = per_image((embeds,)) if embeds is not None else reused[0] if reused else encoded(prompts)
+        if not cfg:
+            return text, None
+        if negative_embeds is not None:
+            return text, per_image((negative_embeds,))
+        if reused and reused[1] is not None:
+            return text, reused[1]
+        negatives = _as_list(negative_prompt, "negative_prompt") or [""]
+        return text, encoded(negatives * len(prompts) if len(negatives) == 1 else negatives)

@@ -1,7 +1,9 @@
 """Text conditioning: CLIP text models and tokenizers from `transformers`, and prompt weighting.
 
-Both stages condition on the last hidden state of a CLIP text tower over 77 tokens (Stage C on
-CLIP ViT-bigG/14, Stage B on CLIP ViT-H/14 for the official weights).
+Würstchen v2's stages condition on the last hidden state of a CLIP text tower over 77 tokens
+(Stage C on CLIP ViT-bigG/14, Stage B on CLIP ViT-H/14 for the official weights). Stable Cascade
+(v3) reads CLIP ViT-bigG/14's last layer before its final LayerNorm and the projected pooled
+embedding (`CLIPTextModelWithProjection.text_embeds`), as diffusers' Stable Cascade pipelines do.
 
 Prompt weighting understands the syntax people know from AUTOMATIC1111 and ComfyUI:
 `(word:1.3)` sets a weight, `(word)` multiplies by 1.1, `[word]` divides by 1.1, `\\(` is a literal
@@ -119,6 +121,25 @@ def encode_prompts(
     and words outside the vocabulary are named; `warn=False` leaves both out (a second encoder of the
     same prompts, whose warnings would repeat the first's).
     """
+    return _encode(tokenizer, text_encoder, prompts, device, weighting, warn, pooled=False)[0]
+
+
+def encode_prompts_pooled(
+    tokenizer,
+    text_encoder,
+    prompts: list[str],
+    device: torch.device | str,
+    weighting: bool = True,
+    warn: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Stable Cascade's text conditions: the last layer's states before the final LayerNorm
+    (B, 77, D) and the projected pooled embedding (B, 1, D'), from a `CLIPTextModelWithProjection`.
+    Prompt weights scale the token states; the pooled embedding is the plain prompt's (as ComfyUI)."""
+    return _encode(tokenizer, text_encoder, prompts, device, weighting, warn, pooled=True)
+
+
+def _encode(tokenizer, text_encoder, prompts: list[str], device: torch.device | str, weighting: bool, warn: bool,
+            pooled: bool) -> tuple[Tensor, ...]:  # fmt: skip
     max_len = tokenizer.model_max_length
     parsed = [parse_weights(p) if weighting else [(p, 1.0)] for p in prompts]
     for runs in parsed:
@@ -155,7 +176,8 @@ def encode_prompts(
             masks.append([1] * len(ids) + [0] * pad)
         input_ids, mask = torch.tensor(rows), torch.tensor(masks)
         weights = torch.tensor(wrows)
-    states = text_encoder(input_ids.to(device), attention_mask=mask.to(device)).last_hidden_state
+    out = text_encoder(input_ids.to(device), attention_mask=mask.to(device), output_hidden_states=pooled)
+    states = out.hidden_states[-1] if pooled else out.last_hidden_state
     if weights is not None:
         w = weights.to(states.device, torch.float32)[:, :, None]
         before = states.float().mean(dim=(1, 2), keepdim=True)
@@ -167,4 +189,4 @@ def encode_prompts(
         scale = weighted.abs().mean(dim=(1, 2), keepdim=True)
         real = (before.abs() > 1e-3 * scale) & (after.abs() > 1e-3 * scale)
         states = (weighted * torch.where(real, before / after, torch.ones_like(after))).to(states.dtype)
-    return states
+    return (states, out.text_embeds[:, None]) if pooled else (states,)
