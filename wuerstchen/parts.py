@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -22,7 +22,10 @@ from torch import Tensor, nn
 from .errors import UserError
 from .models.stage_b import StageB
 from .models.stage_c import StageC
-from .models.text import encode_prompts
+from .models.text import encode_prompts, encode_prompts_pooled
+
+if TYPE_CHECKING:
+    from .models.cascade import CascadeUNet
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x, r) → ε, float32
 # A stage's text conditions, batch first, as its part encodes them: v2 (token states,); Stable
@@ -71,12 +74,14 @@ class PriorV2:
     image side. The text K/V of every attention block is computed once per generation; with CFG the
     latent enters once for both halves (`copies=2`)."""
 
+    defaults = {"prior_steps": 60, "decoder_steps": 12, "prior_guidance": 4.0, "decoder_guidance": 0.0}
+
     def encode_text(self, tokenizer: Any, encoder: nn.Module, texts: list[str], device: torch.device,
                     weighting: bool, warn: bool) -> Text:  # fmt: skip
         return (encode_prompts(tokenizer, encoder, texts, device, weighting, warn),)
 
-    def image_condition(self, pipe: Any, images: Any, image_embeds: Tensor | None, n: int, cfg: bool) -> None:
-        if images is not None or image_embeds is not None:
+    def image_condition(self, pipe: Any, image_embeds: Tensor | None, n: int, cfg: bool) -> None:
+        if image_embeds is not None:
             raise UserError("Würstchen v2 takes no image inputs: image variations need a Stable Cascade model")
 
     def latent_shape(self, model: StageC, n: int, height: int, width: int, st: PipelineSettings) -> tuple[int, ...]:
@@ -130,5 +135,88 @@ class DecoderV2:
         return guided(lambda x, r: run(torch.cat([x, x]).to(dtype), torch.cat([r, r]), cond=cond), guidance_scale)
 
 
+class PriorV3:
+    """Stage C of Stable Cascade (v3): CLIP-G token states, its pooled embedding and CLIP image
+    embeddings → a 16-channel latent at 1/42.67 of the image side, which Stage B reads as it is.
+    As diffusers' `StableCascadePriorPipeline`: the unconditioned half of CFG has the negative
+    prompt's text and zero image embeddings; without images both halves have one zero image token."""
+
+    defaults = {"prior_steps": 20, "decoder_steps": 10, "prior_guidance": 4.0, "decoder_guidance": 0.0}
+
+    def encode_text(self, tokenizer: Any, encoder: nn.Module, texts: list[str], device: torch.device,
+                    weighting: bool, warn: bool) -> Text:  # fmt: skip
+        return encode_prompts_pooled(tokenizer, encoder, texts, device, weighting, warn)
+
+    def image_condition(self, pipe: Any, image_embeds: Tensor | None, n: int, cfg: bool) -> Tensor:
+        """(n, k, D) image embeddings for the n rows of the batch ([cond; zeros] with CFG)."""
+        if image_embeds is None:
+            width = pipe.prior.config.clip_image_in_channels
+            image_embeds = torch.zeros(1, 1, width)
+        embeds = image_embeds if image_embeds.dim() == 3 else image_embeds[:, None]
+        if n % embeds.shape[0]:
+            raise UserError(f"got {embeds.shape[0]} rows of image embeddings for {n} images: give 1, or {n}")
+        embeds = embeds.to(pipe.device).repeat(n // embeds.shape[0], 1, 1)
+        return torch.cat([embeds, torch.zeros_like(embeds)]) if cfg else embeds
+
+    latent_shape = PriorV2.latent_shape
+
+    def denoiser(self, model: CascadeUNet, run: nn.Module, text: Text, guidance_scale: float,
+                 image: Tensor) -> Denoiser:  # fmt: skip
+        dtype = next(model.parameters()).dtype
+        states, pooled = (t.to(dtype) for t in text)
+        cond = model.condition(clip_text_pooled=pooled, clip_text=states, clip_img=image.to(dtype))
+        if guidance_scale <= 1:
+            return guided(lambda x, r: run(x.to(dtype), r.to(dtype), cond=cond), guidance_scale)
+        both = lambda x, r: run(torch.cat([x, x]).to(dtype), torch.cat([r, r]).to(dtype), cond=cond)  # noqa: E731
+        return guided(both, guidance_scale)
+
+    def to_decoder(self, x: Tensor, st: PipelineSettings) -> Tensor:
+        return x
+
+    def from_decoder(self, z: Tensor, st: PipelineSettings) -> Tensor:
+        return z
+
+
+class DecoderV3:
+    """Stage B of Stable Cascade: the Stage C latent + the pooled CLIP-G text embedding → Stage A
+    latent, 10.67× the Stage C side. In a text-to-image call it reads the prior's pooled embeddings
+    (diffusers' combined pipeline does so too); CFG zeroes the semantic latent of the second half."""
+
+    def encode_text(self, tokenizer: Any, encoder: nn.Module, texts: list[str], device: torch.device,
+                    weighting: bool, warn: bool) -> Text:  # fmt: skip
+        return encode_prompts_pooled(tokenizer, encoder, texts, device, weighting, warn)[1:]
+
+    def text_from_prior(self, text: Text | None, negative: Text | None) -> tuple[Text, Text | None] | None:
+        if text is None or len(text) != 2:
+            return None
+        return text[1:], (negative[1:] if negative is not None else None)
+
+    def latent_shape(self, model: CascadeUNet, semantic: Tensor, st: PipelineSettings) -> tuple[int, ...]:
+        h, w = (int(side * st.latent_dim_scale) for side in semantic.shape[2:])
+        return (semantic.shape[0], model.config.in_channels, h, w)
+
+    def denoiser(self, model: CascadeUNet, run: nn.Module, semantic: Tensor, text: Text, guidance_scale: float,
+                 size: tuple[int, int]) -> Denoiser:  # fmt: skip
+        dtype = next(model.parameters()).dtype
+        cfg = guidance_scale > 1
+        effnet = torch.cat([semantic, torch.zeros_like(semantic)]) if cfg else semantic
+        cond = model.condition(clip_text_pooled=text[0].to(dtype), effnet=effnet.to(dtype), size=size)
+        if not cfg:
+            return guided(lambda x, r: run(x.to(dtype), r.to(dtype), cond=cond), guidance_scale)
+        both = lambda x, r: run(torch.cat([x, x]).to(dtype), torch.cat([r, r]).to(dtype), cond=cond)  # noqa: E731
+        return guided(both, guidance_scale)
+
+
 PRIOR_V2 = PriorV2()
 DECODER_V2 = DecoderV2()
+PRIOR_V3 = PriorV3()
+DECODER_V3 = DecoderV3()
+
+
+def parts_for(prior: nn.Module | None, decoder: nn.Module | None) -> tuple[Any, Any]:
+    """The generation's parts, from the models' classes: Stable Cascade's U-Net or v2's networks."""
+    cascade = [getattr(m, "diffusers_class", None) == "StableCascadeUNet" for m in (prior, decoder) if m is not None]
+    v3 = any(cascade)
+    if v3 and not all(cascade):
+        raise UserError("a Würstchen v2 model and a Stable Cascade model cannot form one pipeline: load one generation")
+    return (PRIOR_V3, DECODER_V3) if v3 else (PRIOR_V2, DECODER_V2)

@@ -21,7 +21,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,9 +33,12 @@ from .hardware import check_dtype
 from .models.stage_a import StageA
 from .models.stage_b import StageB
 from .models.stage_c import StageC
-from .parts import DECODER_V2, PRIOR_V2, Denoiser, PipelineSettings, Text
+from .parts import Denoiser, PipelineSettings, Text, parts_for
 from .placement import Placement
 from .sampling import Generator, randn, sample, timesteps
+
+if TYPE_CHECKING:
+    from .models.cascade import CascadeUNet
 
 logger = logging.getLogger(__name__)
 
@@ -188,22 +191,23 @@ def to_output(images: Tensor, output_type: str) -> Any:
 
 
 class WuerstchenPipeline:
-    """Prior (Stage C) + decoder (Stage B) + VQGAN (Stage A), each with its text encoder; the
-    generation's parts (`parts.py`) say how each stage is conditioned, guided and mapped."""
-
-    prior_part = PRIOR_V2
-    decoder_part = DECODER_V2
+    """Prior (Stage C) + decoder (Stage B) + VQGAN (Stage A), each with its text encoder, of
+    Würstchen v2 or Stable Cascade; the generation's parts (`parts.py`, chosen by the models'
+    classes) say how each stage is conditioned, guided and mapped."""
 
     # fmt: off
     def __init__(
-        self, prior: StageC | None, prior_text_encoder: nn.Module | None, prior_tokenizer: Any,
-        decoder: StageB | None, text_encoder: nn.Module | None, tokenizer: Any, vqgan: StageA | None,
+        self, prior: StageC | CascadeUNet | None, prior_text_encoder: nn.Module | None, prior_tokenizer: Any,
+        decoder: StageB | CascadeUNet | None, text_encoder: nn.Module | None, tokenizer: Any, vqgan: StageA | None,
         settings: PipelineSettings | None = None, semantic: nn.Module | None = None,
+        image_encoder: nn.Module | None = None, feature_extractor: Any = None,
     ) -> None:
         # fmt: on
         self.prior, self.prior_text_encoder, self.prior_tokenizer = prior, prior_text_encoder, prior_tokenizer
         self.decoder, self.text_encoder, self.tokenizer = decoder, text_encoder, tokenizer
         self.vqgan, self.semantic = vqgan, semantic
+        self.image_encoder, self.feature_extractor = image_encoder, feature_extractor  # Stable Cascade's prior
+        self.prior_part, self.decoder_part = parts_for(prior, decoder)
         self.settings = settings or PipelineSettings()
         self.placement = Placement()
         # CPU inference: in these stages the Linear layers run on oneDNN with their weights packed once
@@ -242,7 +246,7 @@ class WuerstchenPipeline:
 
     # ----------------------------------------------------------------------------- devices
     def modules(self) -> dict[str, nn.Module]:
-        names = ("prior", "prior_text_encoder", "decoder", "text_encoder", "vqgan", "semantic")
+        names = ("prior", "prior_text_encoder", "image_encoder", "decoder", "text_encoder", "vqgan", "semantic")
         return {n: m for n in names if (m := getattr(self, n)) is not None}
 
     @property
@@ -324,6 +328,22 @@ class WuerstchenPipeline:
         cond = tuple(t.to(self.device).repeat_interleave(repeat, dim=0) for t in cond)
         return _with_negatives(encode, cond, negative, negative_prompt_embeds, repeat) if cfg else cond
 
+    def encode_images(self, images: Any, weights: Sequence[float] | None = None) -> Tensor:
+        """Images (PIL images, or image tensors as the feature extractor takes them) → Stable
+        Cascade's image conditions (1, k, D): one CLIP image embedding per image, as diffusers
+        computes it, times its weight (default 1)."""
+        if self.image_encoder is None or self.feature_extractor is None:
+            raise UserError("this model has no image encoder (image_encoder/, feature_extractor/): it takes no images")
+        items = list(images) if isinstance(images, list | tuple) or getattr(images, "dim", int)() == 4 else [images]
+        weights = [1.0] * len(items) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(items):
+            raise UserError(f"got {len(weights)} image weights for {len(items)} images: give one per image")
+        dtype = next(self.image_encoder.parameters()).dtype
+        with self._placed("image_encoder") as encoder:
+            pixels = [self.feature_extractor(im, return_tensors="pt").pixel_values for im in items]
+            embeds = [encoder(px.to(self.device, dtype)).image_embeds for px in pixels]
+        return torch.cat([e * w if w != 1 else e for e, w in zip(embeds, weights, strict=True)])[None]
+
     # ----------------------------------------------------------------------------- stages
     def _sample(self, stage: str, make_denoiser: Callable[[Callable], Denoiser], x: Tensor, times: list[float],
                 sampler: str, generator: Generator, pipe_cb: Callable | None,
@@ -347,13 +367,13 @@ class WuerstchenPipeline:
     # fmt: off
     def generate_prior(
         self, prompt: str | list[str] | None = None, height: int | None = None, width: int | None = None,
-        num_inference_steps: int = 60, timesteps: Sequence[float] | None = None, guidance_scale: float = 4.0,
+        num_inference_steps: int | None = None, timesteps: Sequence[float] | None = None, guidance_scale: float = 4.0,
         negative_prompt: str | list[str] | None = None, prompt_embeds: Tensor | None = None,
         negative_prompt_embeds: Tensor | None = None, num_images_per_prompt: int = 1, generator: Generator = None,
         seed: int | None = None, latents: Tensor | None = None, callback_on_step_end: Callable | None = None,
         step_hook: StepHook | None = None, sampler: str = "ddpm", prompt_weighting: bool = True,
         prompt_embeds_pooled: Tensor | None = None, negative_prompt_embeds_pooled: Tensor | None = None,
-        images: Any = None, image_embeds: Tensor | None = None,
+        images: Any = None, image_embeds: Tensor | None = None, image_weights: Sequence[float] | None = None,
     ) -> PriorOutput:
         # fmt: on
         """Stage C alone: text (and, for Stable Cascade, images) → semantic latents, mapped for Stage B."""
@@ -366,7 +386,8 @@ class WuerstchenPipeline:
             prompts = [""]  # unconditional
         _check_count(num_images_per_prompt)
         height, width = self.check_size(height, width)
-        times = _check_steps(num_inference_steps, timesteps, "prior_timesteps")
+        steps = self.prior_part.defaults["prior_steps"] if num_inference_steps is None else num_inference_steps
+        times = _check_steps(steps, timesteps, "prior_timesteps")
         n = (len(prompts) if prompts is not None else prompt_embeds.shape[0]) * num_images_per_prompt
         generator = _generators(generator, seed, n)
         negatives, cfg = _as_list(negative_prompt, "negative_prompt"), guidance_scale > 1
@@ -374,7 +395,11 @@ class WuerstchenPipeline:
         given_neg = _given(negative_prompt_embeds, negative_prompt_embeds_pooled, "negative_prompt_embeds")
         text = self.encode_prompt("prior", prompts, negatives, cfg, num_images_per_prompt, given, given_neg,
                                   prompt_weighting)  # fmt: skip
-        image = self.prior_part.image_condition(self, images, image_embeds, n, cfg)
+        if images is not None:
+            if image_embeds is not None:
+                raise UserError("pass either `images` or `image_embeds`, not both")
+            image_embeds = self.encode_images(images, image_weights)
+        image = self.prior_part.image_condition(self, image_embeds, n, cfg)
         shape = self.prior_part.latent_shape(self.prior, n, height, width, self.settings)
         x = _noise(latents, shape, generator, self.device, "`latents`")
         denoiser = lambda run: self.prior_part.denoiser(self.prior, run, text, guidance_scale, image)  # noqa: E731
@@ -385,7 +410,7 @@ class WuerstchenPipeline:
     @torch.no_grad()
     # fmt: off
     def decode(
-        self, image_embeddings: Tensor, prompt: str | list[str] | None = None, num_inference_steps: int = 12,
+        self, image_embeddings: Tensor, prompt: str | list[str] | None = None, num_inference_steps: int | None = None,
         timesteps: Sequence[float] | None = None, guidance_scale: float = 0.0,
         negative_prompt: str | list[str] | None = None, prompt_embeds: Tensor | None = None,
         negative_prompt_embeds: Tensor | None = None, num_images_per_prompt: int = 1, generator: Generator = None,
@@ -403,7 +428,8 @@ class WuerstchenPipeline:
             raise UserError("this pipeline has no decoder/VQGAN (Stage B/A): load them to decode")
         _check_output_type(output_type)
         _check_count(num_images_per_prompt)
-        times = _check_steps(num_inference_steps, timesteps, "decoder_timesteps")
+        steps = self.prior_part.defaults["decoder_steps"] if num_inference_steps is None else num_inference_steps
+        times = _check_steps(steps, timesteps, "decoder_timesteps")
         per_latent = image_embeddings.shape[0]
         prompts = _as_list(prompt, "prompt")
         if prompt_embeds is None:
@@ -442,8 +468,8 @@ class WuerstchenPipeline:
     # fmt: off
     def __call__(
         self, prompt: str | list[str] | None = None, height: int | None = None, width: int | None = None,
-        prior_num_inference_steps: int = 60, prior_timesteps: Sequence[float] | None = None,
-        prior_guidance_scale: float = 4.0, num_inference_steps: int = 12,
+        prior_num_inference_steps: int | None = None, prior_timesteps: Sequence[float] | None = None,
+        prior_guidance_scale: float = 4.0, num_inference_steps: int | None = None,
         decoder_timesteps: Sequence[float] | None = None, decoder_guidance_scale: float = 0.0,
         negative_prompt: str | list[str] | None = None, prompt_embeds: Tensor | None = None,
         negative_prompt_embeds: Tensor | None = None, decoder_prompt_embeds: Tensor | None = None,
@@ -451,7 +477,9 @@ class WuerstchenPipeline:
         generator: Generator = None, seed: int | None = None, latents: Tensor | None = None, output_type: str = "pil",
         return_dict: bool = True, prior_callback_on_step_end: Callable | None = None,
         callback_on_step_end: Callable | None = None, step_hook: StepHook | None = None, sampler: str = "ddpm",
-        prompt_weighting: bool = True,
+        prompt_weighting: bool = True, images: Any = None, image_embeds: Tensor | None = None,
+        image_weights: Sequence[float] | None = None, prompt_embeds_pooled: Tensor | None = None,
+        negative_prompt_embeds_pooled: Tensor | None = None,
     ) -> WuerstchenPipelineOutput | tuple:
         # fmt: on
         """Text → images. Arguments as diffusers' `WuerstchenCombinedPipeline`, plus:
@@ -470,7 +498,8 @@ class WuerstchenPipeline:
             prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
             num_images_per_prompt=num_images_per_prompt, generator=generator, seed=seed, latents=latents,
             callback_on_step_end=prior_callback_on_step_end, step_hook=step_hook, sampler=sampler,
-            prompt_weighting=prompt_weighting,
+            prompt_weighting=prompt_weighting, images=images, image_embeds=image_embeds, image_weights=image_weights,
+            prompt_embeds_pooled=prompt_embeds_pooled, negative_prompt_embeds_pooled=negative_prompt_embeds_pooled,
         )  # fmt: skip
         text, neg = self._decoder_text(
             prior, prompt, negative_prompt, decoder_prompt_embeds, decoder_negative_prompt_embeds,

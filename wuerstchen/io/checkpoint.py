@@ -9,6 +9,7 @@ place, so a crash never leaves a half-written file under the final name.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -23,6 +24,8 @@ from torch import nn
 
 from ..errors import UserError
 from ..models.config import config_from_dict, config_to_dict, read_json
+
+logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
@@ -68,6 +71,13 @@ def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
 def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Raise one error naming every missing, unexpected and mis-shaped tensor."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    check_shapes(expected, state, source, type(model).__name__)
+
+
+def check_shapes(
+    expected: dict[str, tuple[int, ...]], state: dict[str, torch.Tensor], source: str, target: str, hint: str = ""
+) -> None:
+    """`check_state_dict` against a table of key → shape (a model not built); `hint` ends the message."""
     problems = []
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -83,7 +93,7 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
     if shapes:
         problems.append(f"wrong shape: {shapes[:8]}")
     if problems:
-        raise UserError(f"{source}: weights do not fit {type(model).__name__}: " + "; ".join(problems))
+        raise UserError(f"{source}: weights do not fit {target}: " + "; ".join(problems) + hint)
 
 
 def build_from_state(
@@ -113,14 +123,22 @@ def save_model(model: nn.Module, folder: str | Path) -> None:
     write_json(config_to_dict(model.config, model.diffusers_class), folder / CONFIG_NAME)
 
 
-def _read_state(folder: Path) -> dict[str, torch.Tensor]:
-    single = folder / WEIGHTS_NAME
+def _read_state(folder: Path, variant: str | None = None) -> dict[str, torch.Tensor]:
+    single, index = folder / WEIGHTS_NAME, folder / f"{WEIGHTS_NAME}.index.json"
+    if variant is not None:  # diffusers' names: diffusion_pytorch_model.bf16.safetensors (+ .index.bf16.json)
+        v_single = folder / WEIGHTS_NAME.replace(".safetensors", f".{variant}.safetensors")
+        v_index = folder / f"{WEIGHTS_NAME}.index.{variant}.json"
+        if v_single.exists() or v_index.exists():
+            single, index = v_single, v_index
+        else:  # as diffusers: a component without that variant loads its plain files
+            logger.info("%s has no %s files; loading %s", folder, variant, WEIGHTS_NAME)
     if single.exists():
         return load_tensors(single)
-    index = folder / f"{WEIGHTS_NAME}.index.json"
     if index.exists():  # sharded: {"weight_map": {key: file}}
         state: dict[str, torch.Tensor] = {}
         for shard in sorted(set(read_json(index)["weight_map"].values())):
+            if Path(shard).name != shard:  # a file beside the index, never a path elsewhere
+                raise UserError(f"{index}: shard {shard!r} is not a file name in {folder}")
             state.update(load_tensors(folder / shard))
         return state
     legacy = folder / "diffusion_pytorch_model.bin"
@@ -130,9 +148,13 @@ def _read_state(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(
-    cls: type[nn.Module], folder: str | Path, dtype: torch.dtype | None = None, device: torch.device | str | None = None
+    cls: type[nn.Module],
+    folder: str | Path,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    variant: str | None = None,
 ) -> nn.Module:
-    """Load a diffusers-format model folder into our class `cls` (StageA/B/C)."""
+    """Load a diffusers-format model folder into our class `cls` (StageA/B/C, CascadeUNet)."""
     folder = Path(folder)
     if not (folder / CONFIG_NAME).exists():
         raise FileNotFoundError(f"{folder}: no {CONFIG_NAME}; expected a diffusers-format model folder")
@@ -141,4 +163,4 @@ def load_model(
     if name not in (None, cls.diffusers_class, cls.__name__):
         raise UserError(f"{folder}: holds a {name}, expected a {cls.diffusers_class}")
     config = config_from_dict(cls.config_class, data, source=str(folder / CONFIG_NAME))
-    return build_from_state(cls, config, _read_state(folder), str(folder), dtype, device)
+    return build_from_state(cls, config, _read_state(folder, variant), str(folder), dtype, device)

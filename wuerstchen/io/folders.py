@@ -7,6 +7,12 @@ Two layouts are read:
 - the official two repos: a decoder folder (`warp-ai/wuerstchen`: `decoder/`, `text_encoder/`,
   `tokenizer/`, `scheduler/`, `vqgan/`) and a prior folder (`warp-ai/wuerstchen-prior`: `prior/`,
   `text_encoder/`, `tokenizer/`, `scheduler/`), each with its settings in `model_index.json`.
+
+Stable Cascade (v3) uses the same layouts (`stabilityai/stable-cascade` + `stabilityai/stable-cascade-prior`,
+or `StableCascadeCombinedPipeline`'s combined folder), with `decoder_lite/` and `prior_lite/` beside
+the full models (`lite=True`), the prior's CLIP image encoder in `image_encoder/` +
+`feature_extractor/`, and `variant="bf16"` files. The generation is read from the models' configs
+(`_class_name`), never from a folder's name.
 """
 
 from __future__ import annotations
@@ -35,7 +41,30 @@ from .checkpoint import load_model, read_json, save_model, write_json
 logger = logging.getLogger(__name__)
 
 HUB_PATTERNS = ["*.json", "*.txt", "*.safetensors", "*.model"]
-OFFICIAL_PRIOR = {"warp-ai/wuerstchen": "warp-ai/wuerstchen-prior"}
+OFFICIAL_PRIOR = {
+    "warp-ai/wuerstchen": "warp-ai/wuerstchen-prior",
+    "stabilityai/stable-cascade": "stabilityai/stable-cascade-prior",
+}
+# The Stable Cascade repos also hold the lite models, bf16 copies and the official single files
+# (tens of GB): only the folders and files one pipeline needs are downloaded from them.
+CASCADE_REPOS = ("stabilityai/stable-cascade", "stabilityai/stable-cascade-prior")
+CASCADE_FOLDERS = ("text_encoder", "tokenizer", "scheduler", "vqgan", "image_encoder", "feature_extractor")
+
+
+def hub_patterns(repo_id: str, lite: bool = False, variant: str | None = None) -> tuple[list[str], list[str]]:
+    """What `resolve_folder` downloads of a hub repo, as (allow, ignore) patterns: everything of a v2
+    repo; of a Stable Cascade repo the index, the shared folders and one decoder/prior (full or
+    lite), in one variant (diffusers' file names: `model.bf16.safetensors`, `….bf16-00001-of-00002…`)."""
+    if repo_id not in CASCADE_REPOS:
+        return HUB_PATTERNS, []
+    model = ("prior" if repo_id.endswith("-prior") else "decoder") + ("_lite" if lite else "")
+    weights = [f"*.{variant}.safetensors", f"*.{variant}-*.safetensors"] if variant else ["*.safetensors"]
+    allow = ["model_index.json"]
+    for sub in (model, *CASCADE_FOLDERS):
+        allow += [f"{sub}/*.json", f"{sub}/*.txt"] + [f"{sub}/{w}" for w in weights]
+    other_variants = [f"*.{v}{tail}" for v in ("bf16", "fp16") for tail in (".safetensors", "-*.safetensors")]
+    ignore = [] if variant else other_variants
+    return allow, ignore
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -62,9 +91,10 @@ def download_advice(name: str) -> str:
     return f"on a machine with a network run `{steps}` and pass {folders} instead"
 
 
-def resolve_folder(path_or_id: str | Path) -> Path:
+def resolve_folder(path_or_id: str | Path, lite: bool = False, variant: str | None = None) -> Path:
     """A local folder as is; `shipped-small` (unless a folder of that name is here) the model that
-    ships inside the package; a hub id (`owner/name`) downloaded through huggingface_hub's cache."""
+    ships inside the package; a hub id (`owner/name`) downloaded through huggingface_hub's cache
+    (`hub_patterns`)."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
         return path
@@ -78,7 +108,8 @@ def resolve_folder(path_or_id: str | Path) -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(name, allow_patterns=HUB_PATTERNS))
+        allow, ignore = hub_patterns(name, lite, variant)
+        return Path(snapshot_download(name, allow_patterns=allow, ignore_patterns=ignore or None))
     except Exception as e:  # offline, unknown repo, network error: one actionable message
         raise OSError(
             f"cannot get {name} from the Hugging Face hub ({type(e).__name__}) and there is no folder {name} here: "
@@ -89,6 +120,8 @@ def resolve_folder(path_or_id: str | Path) -> Path:
 # The transformers classes a folder may name (model_index.json, tokenizer_config.json): never a
 # class looked up by an arbitrary name from a file, never code from the folder (`auto_map`).
 TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
+IMAGE_ENCODER_CLASSES = ("CLIPVisionModelWithProjection",)
+IMAGE_PROCESSOR_CLASSES = ("CLIPImageProcessor", "CLIPImageProcessorFast")
 TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast", "PreTrainedTokenizerFast", "TokenizersBackend")
 
 
@@ -99,12 +132,28 @@ def _allowed(name: str | None, allowed: tuple[str, ...], default: str, what: str
     return name
 
 
-def load_text_encoder(folder: Path, class_name: str | None, dtype: torch.dtype | None):
+def load_text_encoder(folder: Path, class_name: str | None, dtype: torch.dtype | None, variant: str | None = None):
     import transformers
 
     name = _allowed(class_name, TEXT_ENCODER_CLASSES, "CLIPTextModel", "text encoder", folder)
-    model = getattr(transformers, name).from_pretrained(folder, dtype=dtype, trust_remote_code=False)
+    model = getattr(transformers, name).from_pretrained(folder, dtype=dtype, variant=variant, trust_remote_code=False)
     return model.eval().requires_grad_(False)
+
+
+def load_image_encoder(folder: Path, class_name: str | None, dtype: torch.dtype | None, variant: str | None = None):
+    """Stable Cascade's CLIP ViT-L/14 image tower (image variations)."""
+    import transformers
+
+    name = _allowed(class_name, IMAGE_ENCODER_CLASSES, IMAGE_ENCODER_CLASSES[0], "image encoder", folder)
+    model = getattr(transformers, name).from_pretrained(folder, dtype=dtype, variant=variant, trust_remote_code=False)
+    return model.eval().requires_grad_(False)
+
+
+def load_image_processor(folder: Path, class_name: str | None):
+    import transformers
+
+    name = _allowed(class_name, IMAGE_PROCESSOR_CLASSES, IMAGE_PROCESSOR_CLASSES[0], "feature extractor", folder)
+    return getattr(transformers, name).from_pretrained(folder, trust_remote_code=False)
 
 
 def load_tokenizer(folder: Path, class_name: str | None):
@@ -124,6 +173,26 @@ def _class_of(index: dict[str, Any], name: str) -> str | None:
     return entry[1] if isinstance(entry, list) and len(entry) == 2 else None
 
 
+def _sub(folder: Path, name: str, lite: bool) -> str:
+    """`prior`/`decoder`, or Stable Cascade's `prior_lite`/`decoder_lite` with `lite`."""
+    if lite and (folder / f"{name}_lite").is_dir():
+        return f"{name}_lite"
+    if lite and (folder / name).is_dir():
+        raise FileNotFoundError(f"{folder}: no {name}_lite/ folder (lite=True); this folder holds only {name}/")
+    return name
+
+
+def _model_class(folder: Path, stage: str) -> type:
+    """Our class for the model in `folder`, from its config's `_class_name` (never from the path)."""
+    config = folder / "config.json"
+    name = read_json(config).get("_class_name") if config.is_file() else None
+    if name == "StableCascadeUNet":
+        from ..models.cascade import CascadeUNet
+
+        return CascadeUNet
+    return StageC if stage == "prior" else StageB
+
+
 def _scheduler_s(folder: Path) -> float | None:
     config = folder / "scheduler_config.json"
     return float(read_json(config).get("s", 0.008)) if config.exists() else None
@@ -136,6 +205,8 @@ def load_pipeline(
     torch_dtype: torch.dtype | str | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | str | None = None,
+    lite: bool = False,
+    variant: str | None = None,
 ) -> WuerstchenPipeline:
     """Load a combined folder, or a decoder folder (+ `prior`), or a prior folder alone, as a `cls`
     (`WuerstchenPipeline.from_pretrained` passes itself).
@@ -143,10 +214,11 @@ def load_pipeline(
     With the official decoder repo id and no `prior`, the official prior repo is used. The dtype is
     float32 unless asked (as diffusers, whatever the files hold); `"auto"` picks the precision the
     hardware computes fastest: bfloat16 where `device` (default: the best available) has it natively,
-    float32 elsewhere (`wuerstchen.hardware`).
+    float32 elsewhere (`wuerstchen.hardware`). `lite`: Stable Cascade's `prior_lite/` and
+    `decoder_lite/`; `variant`: files such as `diffusion_pytorch_model.bf16.safetensors`.
     """
     dtype = resolve_dtype(dtype or torch_dtype or torch.float32, device)
-    root = resolve_folder(path_or_id)
+    root = resolve_folder(path_or_id, lite, variant)
     index = read_json(root / "model_index.json") if (root / "model_index.json").exists() else {}
     settings: dict[str, Any] = {}
     parts: dict[str, Any] = {}
@@ -157,17 +229,25 @@ def load_pipeline(
                 settings[name] = idx[key]
 
     def load_prior_part(folder: Path, prefix: str, idx: dict[str, Any]) -> None:
-        model_dir = folder / ("prior_prior" if prefix else "prior")
-        parts["prior"] = load_model(StageC, model_dir, dtype)
+        model_dir = folder / ("prior_prior" if prefix else _sub(folder, "prior", lite))
+        parts["prior"] = load_model(_model_class(model_dir, "prior"), model_dir, dtype, variant=variant)
         parts["prior_text_encoder"] = load_text_encoder(
-            folder / f"{prefix}text_encoder", _class_of(idx, f"{prefix}text_encoder"), dtype
+            folder / f"{prefix}text_encoder", _class_of(idx, f"{prefix}text_encoder"), dtype, variant
         )
         parts["prior_tokenizer"] = load_tokenizer(folder / f"{prefix}tokenizer", _class_of(idx, f"{prefix}tokenizer"))
+        if (folder / f"{prefix}image_encoder").is_dir():  # Stable Cascade: image variations
+            name = f"{prefix}image_encoder"
+            parts["image_encoder"] = load_image_encoder(folder / name, _class_of(idx, name), dtype, variant)
+            name = f"{prefix}feature_extractor"
+            parts["feature_extractor"] = load_image_processor(folder / name, _class_of(idx, name))
 
     def load_decoder_part(folder: Path, idx: dict[str, Any]) -> None:
-        parts["decoder"] = load_model(StageB, folder / "decoder", dtype)
-        parts["vqgan"] = load_model(StageA, folder / "vqgan", dtype)
-        parts["text_encoder"] = load_text_encoder(folder / "text_encoder", _class_of(idx, "text_encoder"), dtype)
+        model_dir = folder / _sub(folder, "decoder", lite)
+        parts["decoder"] = load_model(_model_class(model_dir, "decoder"), model_dir, dtype, variant=variant)
+        parts["vqgan"] = load_model(StageA, folder / "vqgan", dtype, variant=variant)
+        parts["text_encoder"] = load_text_encoder(
+            folder / "text_encoder", _class_of(idx, "text_encoder"), dtype, variant
+        )
         parts["tokenizer"] = load_tokenizer(folder / "tokenizer", _class_of(idx, "tokenizer"))
         if (s := _scheduler_s(folder / "scheduler")) is not None:
             settings["s"] = s
@@ -221,6 +301,8 @@ def load_pipeline(
         tokenizer=parts.get("tokenizer"),
         vqgan=parts.get("vqgan"),
         semantic=parts.get("semantic"),
+        image_encoder=parts.get("image_encoder"),
+        feature_extractor=parts.get("feature_extractor"),
         settings=PipelineSettings(**{k: v for k, v in settings.items() if k in known}),
     )
     if device is not None:
