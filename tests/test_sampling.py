@@ -104,3 +104,20 @@ def test_add_noise():
     out = add_noise(x0, noise, t)
     ab = alpha_cumprod(t).view(-1, 1, 1, 1)
     assert torch.allclose(out, ab.sqrt() * x0 + (1 - ab).sqrt() * noise)
+
+
+def test_shifted_timesteps_put_the_steps_at_the_shifted_noise_levels():
+    from wuerstchen.sampling import shifted_timesteps
+
+    assert shifted_timesteps(7, 1.0) == timesteps(7)
+    times = shifted_timesteps(10, 2.0)
+    assert times[0] == 1.0 and times[-1] == 0.0 and all(a > b for a, b in zip(times, times[1:], strict=False))
+    # Inner steps: ᾱ at our time = sigmoid(logit ᾱ(even time) − 2 log 2), the official GDF shift.
+    even = torch.tensor(timesteps(10)[1:-1])
+    ab = alpha_cumprod(even).double()
+    want = torch.sigmoid(torch.log(ab / (1 - ab)) - 2 * math.log(2.0))
+    got = alpha_cumprod(torch.tensor(times[1:-1])).double()
+    assert (got - want).abs().max() <= 1e-6  # float32 ᾱ of the float64 times: rounding ~1e-7
+    assert all(t > e for t, e in zip(times[1:-1], even.tolist(), strict=True))  # later (noisier) at each step
+    with pytest.raises(ValueError, match="shift"):
+        shifted_timesteps(4, 0.0)

@@ -13,6 +13,7 @@ __all__ = [
     "PipelineSettings",
     "WuerstchenPipeline",
     "WuerstchenPipelineOutput",
+    "shifted_timesteps",
     "shipped_model",
 ]
 __version__ = "0.1.0"
@@ -22,6 +23,7 @@ _HOME = {
     "PipelineSettings": "pipeline",
     "WuerstchenPipeline": "pipeline",
     "WuerstchenPipelineOutput": "pipeline",
+    "shifted_timesteps": "sampling",
     "shipped_model": "assets",
 }
 

@@ -48,6 +48,29 @@ def timesteps(num_steps: int) -> list[float]:
     return [float(t) for t in torch.linspace(1.0, 0.0, num_steps + 1)]
 
 
+def shifted_timesteps(num_steps: int, shift: float, s: float = 0.008) -> list[float]:
+    """`timesteps(num_steps)` moved to where the official Stable Cascade sampler puts them with a
+    schedule shift (its GDF and ComfyUI's `ModelSamplingStableCascade`; Stage C uses shift 2):
+    step i has the noise level log SNR(tᵢ) − 2·log(shift), and the network sees the time whose
+    unshifted ᾱ is that level. Since a DDPM/DDIM step depends only on the ᾱ of its two times, this
+    list of times samples as the shifted schedule does. shift 1 gives `timesteps(num_steps)`."""
+    if not shift > 0:
+        raise UserError(f"the schedule shift must be > 0, got {shift}")
+    times = timesteps(num_steps)
+    if shift == 1:
+        return times
+    s_ = torch.tensor(s, dtype=torch.float64)
+    init = torch.cos(s_ / (1 + s_) * math.pi * 0.5) ** 2
+    t = torch.tensor(times, dtype=torch.float64)
+    ab = (torch.cos((t + s_) / (1 + s_) * math.pi * 0.5) ** 2 / init).clamp(1e-4, 0.9999)
+    ab = torch.sigmoid(torch.log(ab / (1 - ab)) - 2 * math.log(shift))
+    # The inverse of ᾱ(t) (diffusers' `get_timestep_ratio_conditioning`), kept in [0, 1].
+    r = torch.acos((ab * init).sqrt()) / (math.pi * 0.5) * (1 + s_) - s_
+    r = r.clamp(0, 1)
+    r[0], r[-1] = 1.0, 0.0  # pure noise in, data out, as unshifted
+    return [float(x) for x in r]
+
+
 def add_noise(x0: Tensor, noise: Tensor, t: Tensor, s: float = 0.008, scaler: float = 1.0) -> Tensor:
     """Forward process: √ᾱ·x0 + √(1−ᾱ)·ε, t of shape (B,)."""
     ab = alpha_cumprod(t.float(), s, scaler).view(-1, *[1] * (x0.dim() - 1))
