@@ -119,6 +119,33 @@ def test_folder_skips_are_counted_across_workers(tmp_path: Path) -> None:
     assert data.log_skipped() == "skipped 2 items: 1 corrupt image, 1 missing caption"
 
 
+def test_folder_splits_its_holdout(tmp_path: Path) -> None:
+    """The last n items by key are held out, decoded in their buckets; the rest is a source of the
+    others; no item is in both, the same folder splits the same way, and the source stays whole."""
+    keys = sorted(write_folder(tmp_path, 8, sizes=[(40, 20), (20, 40), (30, 30)]))
+    data = FolderDataset(tmp_path, size=16, bucket_multiple=8)
+    rest, held = data.split_holdout(3)
+    assert len(rest) == len(rest.bucket_ids) == 5 and [item["key"] for item in held] == keys[-3:]
+    trained = [k for batch in keys_of(make_loader(rest, 2, 0, seed=0, drop_last=False)) for k in batch]
+    assert sorted(trained) == keys[:5] and not set(trained) & {item["key"] for item in held}
+    assert [tuple(item["image"].shape[1:]) for item in held] == [data.buckets[b] for b in data.bucket_ids[-3:]]
+    again, held_again = FolderDataset(tmp_path, size=16, bucket_multiple=8).split_holdout(3)
+    assert again.items == rest.items and again.bucket_ids == rest.bucket_ids
+    assert [a["key"] for a in held_again] == keys[-3:]
+    assert all(torch.equal(a["image"], b["image"]) for a, b in zip(held, held_again, strict=True))
+    assert len(data) == 8 and data.split_holdout(0)[1] == []
+    with pytest.raises(ValueError):
+        data.split_holdout(8)  # nothing left to train on
+
+    # a held-out image that does not decode is left out (not replaced by a training item) and counted
+    (tmp_path / "zz.png").write_bytes(np.random.default_rng(0).bytes(300))
+    (tmp_path / "zz.txt").write_text("noise")
+    data = FolderDataset(tmp_path, size=16)
+    rest, held = data.split_holdout(2)
+    assert [item["key"] for item in held] == [keys[-1]] and len(rest) == 7
+    assert rest.skipped == {"corrupt image": 1} and data.skipped == {}
+
+
 def write_shards(root: Path, shards: int, per_shard: int, bad: bool = False) -> dict[str, str]:
     """Tar shards of png + txt with webdataset's TarWriter; returns key → caption of the good samples."""
     import webdataset as wds

@@ -23,6 +23,7 @@ ends. So the counts are exact in one process and, once an epoch is through, with
 
 from __future__ import annotations
 
+import copy
 import io
 import itertools
 import logging
@@ -208,18 +209,40 @@ class FolderDataset(SkipLog, Dataset):
         hw = self.buckets[self.bucket_ids[index]]
         pending: dict[str, str] = {}
         for j in range(index, index + len(self.items)):
-            path, key, caption = self.items[j % len(self.items)]
-            if key in self.skipped_keys:
-                continue
-            try:
-                with Image.open(path) as image:
-                    pixels = preprocess(image, hw, random_crop=self.random_crop, flip=self.flip)
-            except Exception:  # PIL raises many types on bad bytes: OSError, SyntaxError, ValueError, ...
-                self._skip(key, "corrupt image", pending)
-                continue
-            item = {"image": pixels, "caption": caption, "key": key}
-            return (item | {"skipped": pending}) if pending else item
+            item = self._load(self.items[j % len(self.items)], hw, pending)
+            if item is not None:
+                return (item | {"skipped": pending}) if pending else item
         raise RuntimeError(f"no decodable image under {self.root}")
+
+    def split_holdout(self, n: int) -> tuple[FolderDataset, list[Item]]:
+        """(a source of all but the last `n` items, those `n` items decoded): images for samples and
+        evaluation that training never sees. The last by key, so a folder always holds out the same
+        ones. A held-out image that does not decode is left out, not replaced by a training item; the
+        returned source's skip log counts it. `self` is not changed."""
+        if not 0 <= n < len(self):
+            raise ValueError(f"cannot hold out {n} of {len(self)} items")
+        cut = len(self) - n
+        rest = copy.copy(self)  # the same root, buckets and preprocessing
+        rest.items, rest.bucket_ids = self.items[:cut], self.bucket_ids[:cut]
+        rest.skipped_keys = dict(self.skipped_keys)  # its own log, which gets the hold-out's failures too
+        held = [rest._load(self.items[j], self.buckets[self.bucket_ids[j]]) for j in range(cut, len(self))]
+        return rest, [item for item in held if item is not None]
+
+    def _load(
+        self, entry: tuple[Path, str, str], hw: tuple[int, int], pending: dict[str, str] | None = None
+    ) -> Item | None:
+        """The item of `entry` (image path, key, caption) cropped to `hw`; None if its image is known
+        bad or fails to decode now (then it is recorded)."""
+        path, key, caption = entry
+        if key in self.skipped_keys:
+            return None
+        try:
+            with Image.open(path) as image:
+                pixels = preprocess(image, hw, random_crop=self.random_crop, flip=self.flip)
+        except Exception:  # PIL raises many types on bad bytes: OSError, SyntaxError, ValueError, ...
+            self._skip(key, "corrupt image", pending)
+            return None
+        return {"image": pixels, "caption": caption, "key": key}
 
 
 def _is_image(path: Path) -> bool:

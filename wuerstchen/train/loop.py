@@ -8,7 +8,7 @@
     from wuerstchen.train.loop import train
     result = train(StageCTrainConfig(data="photos/", init_from="model/", output_dir="runs/x"))
 
-A step is `grad_accum` micro-batches (the stage prepares each with its frozen encoders, the wrapped
+A step is `grad_accum` micro-batches (the task prepares each with its frozen encoders, the wrapped
 loss module runs under optional bf16 autocast, backward), then gradient clipping, AdamW with linear
 warm-up, and an EMA update. The random draws of a micro-batch (timesteps, noise, caption drops) come
 from a generator seeded by (seed, step, its index in the global batch), so a step's gradient does not
@@ -53,7 +53,7 @@ from tqdm import tqdm
 from ..errors import UserError
 from ..io.checkpoint import load_tensors, save_model, write_json
 from .config import TrainConfig
-from .stages import Stage, make_stage
+from .stages import Task, make_task
 
 logger = logging.getLogger(__name__)
 
@@ -336,7 +336,7 @@ class TrainResult:
     output_dir: Path
     skipped: dict[str, int] = field(default_factory=dict)  # reason → items skipped (all ranks)
     module: nn.Module | None = None  # the trained loss module (unwrapped)
-    stage: Stage | None = None
+    task: Task | None = None  # the stage's task: its data, frozen parts and loss module
 
 
 class Trainer:
@@ -346,14 +346,14 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else d.device.type == "cuda"
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.stage = stage = make_stage(cfg, d.device)
+        self.task = task = make_task(cfg, d.device)
         if cfg.gradient_checkpointing:
-            stage.enable_gradient_checkpointing()
+            task.enable_gradient_checkpointing()
         if cfg.lora_rank:
             from ..lora import apply_lora  # optional: needs peft
 
-            stage.module.model = apply_lora(stage.module.model, cfg.lora_rank, cfg.lora_alpha)
-        self.module = stage.module
+            task.module.model = apply_lora(task.module.model, cfg.lora_rank, cfg.lora_alpha)
+        self.module = task.module
         self.names = [n for n, p in self.module.named_parameters() if p.requires_grad]
         self.names += [n for n, _ in self.module.named_buffers()]
         if not any(p.requires_grad for p in self.module.parameters()):
@@ -476,10 +476,10 @@ class Trainer:
         state = self.full_state()
         ema = {k: _full(v).cpu() for k, v in self.ema.tensors.items()} if self.ema else {}
         if self.d.main:
-            models = self.stage.components(state | ema)
+            models = self.task.components(state | ema)
             for name, model in models.items():
                 save_model(model, self.out / name)
-            pipe = self.stage.assemble(models)
+            pipe = self.task.assemble(models)
             if pipe is not None:
                 pipe.save_pretrained(self.out / "pipeline")
             else:
@@ -497,22 +497,22 @@ class Trainer:
             for k, v in live.items():
                 v.copy_(self.ema.tensors[k])
         meta = {"stage": self.cfg.stage, "step": self.pos.step, "ema": self.ema is not None}
-        save_lora(self.module.model, self.out / "lora.safetensors", metadata=meta, prefix=self.stage.component)
+        save_lora(self.module.model, self.out / "lora.safetensors", metadata=meta, prefix=self.task.component)
         for k, v in live.items():
             v.copy_(kept[k])
 
     def sample(self, metrics: MetricsLog) -> None:
-        """Samples (and the stage's evaluation, e.g. PSNR) from the live weights."""
+        """Samples (and the task's evaluation, e.g. PSNR) from the live weights."""
         if self.cfg.strategy == "fsdp" and self.d.world_size > 1:
             state = self.full_state()  # collective; rank 0 samples from an unsharded copy
-            models = {k: m.to(self.d.device) for k, m in self.stage.components(state).items()} if self.d.main else {}
+            models = {k: m.to(self.d.device) for k, m in self.task.components(state).items()} if self.d.main else {}
         else:
-            models = self.stage.live_models(self.module) if self.d.main else {}
+            models = self.task.live_models(self.module) if self.d.main else {}
         if self.d.main:
             path = self.out / "samples" / f"step-{self.pos.step:06d}.png"
             modes = {name: m.training for name, m in models.items()}
             try:
-                result = self.stage.sample({name: m.eval() for name, m in models.items()}, path)
+                result = self.task.sample({name: m.eval() for name, m in models.items()}, path)
             except Exception:  # a failed preview must not end a long run
                 logger.exception("sampling at step %d failed", self.pos.step)
                 result = {}
@@ -554,11 +554,11 @@ class Trainer:
         extra: dict[str, float] = {}
         for m in range(cfg.grad_accum):
             batch = next(batches)
-            self.stage.remember(batch)
+            self.task.remember(batch)
             gen = step_generator(cfg.seed, self.pos.step, m * d.world_size + d.rank, d.device)
             autocast = torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=self.bf16)
             with torch.no_grad(), autocast:
-                inputs = self.stage.prepare(batch, gen, self.pos.step)
+                inputs = self.task.prepare(batch, gen, self.pos.step)
             with _no_sync(self.wrapped, m == cfg.grad_accum - 1), autocast:
                 loss, metrics = self.wrapped(**inputs)
             (loss / cfg.grad_accum).backward()
@@ -594,7 +594,7 @@ class Trainer:
         if d.main:
             write_json(cfg.to_dict(), self.out / "config.json")
         metrics = MetricsLog(self.out, enabled=d.main)
-        loader = self.stage.loader(d.rank, d.world_size)
+        loader = self.task.loader(d.rank, d.world_size)
         batches = self.batches(loader)
         losses: dict[int, float] = {}
         start_step, last_saved = self.pos.step, self.pos.step if resume else -1
@@ -637,11 +637,11 @@ class Trainer:
         bar.close()
         if self.pos.step > 0 and last_saved != self.pos.step:
             self.save_checkpoint()
-        if self.pos.step > start_step or (self.pos.step > 0 and not (self.out / self.stage.component).exists()):
+        if self.pos.step > start_step or (self.pos.step > 0 and not (self.out / self.task.component).exists()):
             self.export()
         skipped = self._log_skipped(loader)
         metrics.close()
-        return TrainResult(self.pos.step, losses, self.out, skipped, self.module, self.stage)
+        return TrainResult(self.pos.step, losses, self.out, skipped, self.module, self.task)
 
     def _log_skipped(self, loader: Any) -> dict[str, int]:
         """Merge every rank's skipped items and log one line (rank 0)."""

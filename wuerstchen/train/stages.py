@@ -1,8 +1,8 @@
-"""What differs between the stages' training; `loop.py` runs them all with one loop.
+"""What differs between the stages' training, one *task* per stage; `loop.py` runs them all with one loop.
 
-Each stage builds a *loss module* (an `nn.Module` whose `forward` returns `(loss, metrics)`: the thing
+Each task builds a *loss module* (an `nn.Module` whose `forward` returns `(loss, metrics)`: the thing
 DDP/FSDP wrap, EMA tracks and checkpoints hold), prepares its inputs from a batch with the frozen
-networks, writes samples, and exports diffusers-format folders.
+networks (`frozen.py` loads them), writes samples, and exports diffusers-format folders.
 
 - Stage C: ε-prediction on the semantic latent `(x + 1) / 42` of the frozen compressor, text states
   of a frozen CLIP text model, captions dropped 5%.
@@ -27,18 +27,19 @@ from PIL import Image
 from torch import Tensor, nn
 
 from ..errors import UserError
-from ..io.checkpoint import atomic_path, build_from_state, load_model
+from ..io.checkpoint import atomic_path, build_from_state
 from ..models.config import config_from_dict, read_json
-from ..models.semantic import SEMANTIC_PRESETS, SemanticCompressor
+from ..models.semantic import SemanticCompressor
 from ..models.stage_a import StageA
 from ..models.stage_b import StageB
 from ..models.stage_c import StageC
 from ..models.text import encode_prompts
 from ..parts import PRIOR_V2
-from ..pipeline import PipelineSettings, WuerstchenPipeline, to_output
+from ..pipeline import WuerstchenPipeline, to_output
 from ..sampling import add_noise, alpha_cumprod
-from .config import DiffusionTrainConfig, StageATrainConfig, StageBTrainConfig, StageCTrainConfig, TrainConfig
+from .config import StageATrainConfig, StageBTrainConfig, StageCTrainConfig, TrainConfig
 from .data import FolderDataset, WebDatasetSource, make_loader
+from .frozen import PIPELINE_PARTS, FrozenParts, load_frozen_parts
 
 logger = logging.getLogger(__name__)
 
@@ -211,76 +212,55 @@ class VQGANLoss(nn.Module):
         return loss, metrics
 
 
-# ----------------------------------------------------------------------------- frozen parts
+# ----------------------------------------------------------------------------- data
 
 
-def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
-    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-
-
-def _load_pipeline(path: str | None) -> WuerstchenPipeline | None:
-    if not path:
-        return None
-    return WuerstchenPipeline.from_pretrained(path)
-
-
-def _random_text(spec: str) -> tuple[Any, nn.Module]:
-    from ..testing import char_tokenizer, clip_text_model
-
-    try:
-        width = int(spec.split(":", 1)[1])
-    except ValueError:
-        raise UserError(f"--text-encoder {spec!r}: expected random:WIDTH, e.g. random:32") from None
-    return char_tokenizer(), clip_text_model(0, width=width, heads=2 if width % 2 == 0 else 1)
-
-
-def _text_from_folder(folder: Path, prefixes: tuple[str, ...]) -> tuple[Any, nn.Module]:
-    """A pipeline folder (its `{prefix}text_encoder/`), a folder with `text_encoder/` + `tokenizer/`,
-    or a CLIP text model folder that holds its tokenizer files too."""
-    from ..io.folders import load_text_encoder, load_tokenizer
-
-    if not folder.is_dir():
-        raise FileNotFoundError(f"text encoder folder {folder} does not exist")
-    for prefix in prefixes:
-        if (folder / f"{prefix}text_encoder").is_dir():
-            model_dir, tok_dir = folder / f"{prefix}text_encoder", folder / f"{prefix}tokenizer"
-            break
+def training_data(cfg: TrainConfig) -> tuple[FolderDataset | WebDatasetSource, list[Batch]]:
+    """The source to train on, and the images for samples and evaluation: --eval-data, or the
+    folder's last --holdout items (which training then never sees)."""
+    if not cfg.data:
+        raise UserError("give --data: an image folder (image + same-named .txt caption) or webdataset shards")
+    opts = dict(random_crop=cfg.random_crop, flip=cfg.flip, bucket_multiple=cfg.bucket_multiple)
+    path = Path(cfg.data)
+    if path.is_dir():
+        source = FolderDataset(path, cfg.image_size, **opts)
+        if len(source) <= cfg.holdout:
+            raise UserError(f"{path}: {len(source)} captioned images, not enough beyond --holdout {cfg.holdout}")
+    elif any(s in cfg.data for s in (".tar", "{", "::", "pipe:", "://")):
+        source = WebDatasetSource(cfg.data, cfg.image_size, **opts)
     else:
-        model_dir = tok_dir = folder
-    if not tok_dir.is_dir():
-        tok_dir = model_dir
-    return load_tokenizer(tok_dir, None), load_text_encoder(model_dir, None, None)
+        raise FileNotFoundError(f"data folder {path} does not exist")
+    if cfg.eval_data:
+        if not Path(cfg.eval_data).is_dir():
+            raise FileNotFoundError(f"--eval-data folder {cfg.eval_data} does not exist")
+        data = FolderDataset(cfg.eval_data, cfg.image_size)
+        return source, [data[i] for i in range(min(len(data), 16))]
+    if cfg.holdout and isinstance(source, FolderDataset):
+        return source.split_holdout(cfg.holdout)
+    if cfg.holdout:
+        logger.info("--holdout needs an image folder; for shards give --eval-data FOLDER")
+    return source, []
 
 
-class Stage:
-    """The per-stage half of training. Subclasses set `name`, `component` (the pipeline attribute they
-    train: prior, decoder, vqgan) and build `self.module` (the loss module) in `__init__`."""
+# ----------------------------------------------------------------------------- tasks
 
-    name = "?"
+
+class Task:
+    """What differs between the stages' training. Subclasses set `component` (the pipeline attribute
+    they train: prior, decoder, vqgan) and `model_class`; their `__init__` loads `self.frozen` (one
+    `load_frozen_parts` call, for the parts they read) and builds `self.module` (the loss module)."""
+
     component = "?"
     model_class: type[nn.Module] = nn.Module
 
     def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
         self.notes: set[str] = set()  # things said once (e.g. why samples are skipped)
-        self.source = self._make_source()  # first: a wrong --data is reported before any loading
-        self.eval_items = self._eval_items()
-        # Frozen parts come from --init-from first, then --pipeline.
-        self.init_pipe = _load_pipeline(cfg.init_from)
-        self.parts_pipe = _load_pipeline(cfg.pipeline)
-        source_pipe = self.parts_pipe or self.init_pipe
-        settings = source_pipe.settings if source_pipe else PipelineSettings(default_size=cfg.image_size)
-        self.settings = dataclasses.replace(settings, **(cfg.settings or {}))
+        self.source, self.eval_items = training_data(cfg)  # first: a wrong --data is reported before any loading
+        self.frozen: FrozenParts
         self.module: nn.Module
 
     # -- pieces -------------------------------------------------------------------------------
-    def part(self, name: str) -> Any:
-        """A frozen component (text_encoder, vqgan, decoder, ...) from --init-from or --pipeline."""
-        for pipe in (self.init_pipe, self.parts_pipe):
-            if pipe is not None and getattr(pipe, name, None) is not None:
-                return getattr(pipe, name)
-        return None
-
     def note(self, message: str) -> None:
         if message not in self.notes:
             self.notes.add(message)
@@ -290,13 +270,12 @@ class Stage:
         """The trained network: from --init-from, or built from --model (a preset, file or object)."""
         cfg, cls = self.cfg, self.model_class
         if cfg.init_from:
-            model = getattr(self.init_pipe, self.component, None)
+            model = self.frozen.init_model
             if model is None:
                 raise UserError(f"--init-from {cfg.init_from} holds no {self.component} to fine-tune")
             if cfg.model is not None and self._model_config() != model.config:
                 raise UserError("--model differs from the architecture of --init-from: leave --model out")
             self.model_config = model.config
-            setattr(self.init_pipe, self.component, None)  # ours to train now, not a frozen part
             return model.float().to(self.device).train().requires_grad_(True)
         self.model_config = self._model_config()
         return _official_init(cls(self.model_config)).to(self.device).train()
@@ -313,91 +292,25 @@ class Stage:
             return self.cfg.model_presets()[spec]
         return config_from_dict(cls, read_json(spec), source=spec)
 
-    def load_text(self, prefixes: tuple[str, ...]) -> tuple[Any, nn.Module]:
-        """Tokenizer and frozen text model: --text-encoder, else the sources' (`prior_` parts for C)."""
-        cfg: DiffusionTrainConfig = self.cfg  # type: ignore[assignment]
-        spec = cfg.text_encoder
-        if spec and spec.startswith("random:"):
-            tokenizer, encoder = _random_text(spec)
-        elif spec:
-            tokenizer, encoder = _text_from_folder(Path(spec), prefixes)
-        else:
-            tokenizer = encoder = None
-            for prefix in prefixes:
-                encoder, tokenizer = self.part(f"{prefix}text_encoder"), self.part(f"{prefix}tokenizer")
-                if encoder is not None and tokenizer is not None:
-                    break
-            if encoder is None or tokenizer is None:
-                raise UserError(
-                    f"Stage {self.name.upper()} needs a text encoder: give --init-from/--pipeline PIPELINE or "
-                    "--text-encoder FOLDER (random:WIDTH for a smoke test)"
-                )
-        return tokenizer, encoder.to(self.device).eval().requires_grad_(False)
-
-    def load_semantic(self) -> tuple[SemanticCompressor, bool]:
-        """The semantic compressor and whether it came with weights (a folder) rather than a preset."""
-        spec = self.cfg.semantic  # type: ignore[attr-defined]
-        if spec in SEMANTIC_PRESETS:
-            torch.manual_seed(self.cfg.seed + 1)
-            return SemanticCompressor(SEMANTIC_PRESETS[spec]).eval().requires_grad_(False).to(self.device), False
-        if spec:
-            folder = Path(spec)
-            if (folder / "semantic").is_dir():
-                folder = folder / "semantic"
-            if not folder.is_dir():
-                raise FileNotFoundError(f"--semantic {spec}: no such preset ({', '.join(SEMANTIC_PRESETS)}) or folder")
-            return load_model(SemanticCompressor, folder).to(self.device), True
-        model = self.part("semantic")
-        if model is None:
-            raise UserError(
-                f"Stage {self.name.upper()} needs the semantic compressor: give --semantic FOLDER (e.g. converted "
-                "from the official checkpoint), a pipeline folder with semantic/, or a preset for a smoke test"
-            )
-        return model.to(self.device).eval().requires_grad_(False), True
+    def check_text_width(self, expected: int, model: str) -> None:
+        width = getattr(self.frozen.text_encoder.config, "hidden_size", None)
+        if width is not None and width != expected:
+            raise UserError(f"the text encoder gives {width}-wide states; this {model} expects {expected}")
 
     def encode_captions(self, captions: list[str]) -> Tensor:
         """Captions → the frozen text encoder's states, as training sees them (no prompt weighting)."""
-        return encode_prompts(self.tokenizer, self.text_encoder, captions, self.device, weighting=False)
+        return encode_prompts(self.frozen.tokenizer, self.frozen.text_encoder, captions, self.device, weighting=False)
 
     def encode_text(self, captions: list[str], drop: Tensor) -> Tensor:
         captions = ["" if d else c for c, d in zip(captions, drop.tolist(), strict=True)]
         return self.encode_captions(captions).float()
 
+    def pipeline(self, **ours: Any) -> WuerstchenPipeline:
+        """A whole pipeline of the sources' parts, with `ours` (pipeline attribute → part) in their place."""
+        parts = {name: self.frozen.others.get(name) for name in PIPELINE_PARTS} | ours
+        return WuerstchenPipeline(**parts, settings=self.frozen.settings)
+
     # -- data ---------------------------------------------------------------------------------
-    def _make_source(self) -> FolderDataset | WebDatasetSource:
-        cfg = self.cfg
-        if not cfg.data:
-            raise UserError("give --data: an image folder (image + same-named .txt caption) or webdataset shards")
-        opts = dict(random_crop=cfg.random_crop, flip=cfg.flip, bucket_multiple=cfg.bucket_multiple)
-        path = Path(cfg.data)
-        if path.is_dir():
-            source = FolderDataset(path, cfg.image_size, **opts)
-            if len(source) <= cfg.holdout:
-                raise UserError(f"{path}: {len(source)} captioned images, not enough beyond --holdout {cfg.holdout}")
-            return source
-        if any(s in cfg.data for s in (".tar", "{", "::", "pipe:", "://")):
-            return WebDatasetSource(cfg.data, cfg.image_size, **opts)
-        raise FileNotFoundError(f"data folder {path} does not exist")
-
-    def _eval_items(self) -> list[Batch]:
-        """Images for samples and evaluation: --eval-data, or the last --holdout items of the folder
-        (taken out of the training set here)."""
-        cfg = self.cfg
-        if cfg.eval_data:
-            if not Path(cfg.eval_data).is_dir():
-                raise FileNotFoundError(f"--eval-data folder {cfg.eval_data} does not exist")
-            data = FolderDataset(cfg.eval_data, cfg.image_size)
-            return [data[i] for i in range(min(len(data), 16))]
-        if not cfg.holdout:
-            return []
-        if not isinstance(self.source, FolderDataset):
-            self.note("--holdout needs an image folder; for shards give --eval-data FOLDER")
-            return []
-        n = len(self.source)
-        items = [self.source[i] for i in range(n - cfg.holdout, n)]
-        del self.source.items[n - cfg.holdout :], self.source.bucket_ids[n - cfg.holdout :]
-        return items
-
     def loader(self, rank: int, world_size: int):
         cfg = self.cfg
         return make_loader(
@@ -411,7 +324,7 @@ class Stage:
             keys = [k for k in ("image", "caption") if k in batch]
             self.eval_items = [{k: batch[k][i] for k in keys} for i in range(min(4, len(batch["caption"])))]
 
-    # -- per stage ------------------------------------------------------------------------------
+    # -- per task -----------------------------------------------------------------------------
     def prepare(self, batch: Batch, generator: torch.Generator, step: int) -> dict[str, Any]:
         """A batch → the loss module's keyword arguments (frozen encoders, random draws)."""
         raise NotImplementedError
@@ -435,6 +348,10 @@ class Stage:
     def sample(self, models: dict[str, nn.Module], path: Path) -> dict[str, float]:
         """Write sample images to `path` (PNG) with the trained `models`; return metrics to log."""
         return {}
+
+
+def _strip(state: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
+    return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 @torch.no_grad()
@@ -471,10 +388,10 @@ def _images(items: list[Batch], device: torch.device) -> Tensor:
     return torch.stack([item["image"] for item in items]).to(device)
 
 
-def _step_ok(stage: Stage, pipe: WuerstchenPipeline) -> bool:
+def _step_ok(task: Task, pipe: WuerstchenPipeline) -> bool:
     step = pipe.size_step
-    if stage.cfg.image_size % step:
-        stage.note(f"no samples: --image-size {stage.cfg.image_size} is not a multiple of the pipeline's {step} px")
+    if task.cfg.image_size % step:
+        task.note(f"no samples: --image-size {task.cfg.image_size} is not a multiple of the pipeline's {step} px")
         return False
     return True
 
@@ -482,33 +399,29 @@ def _step_ok(stage: Stage, pipe: WuerstchenPipeline) -> bool:
 # ----------------------------------------------------------------------------- Stage C
 
 
-class StageCTask(Stage):
-    name, component, model_class = "c", "prior", StageC
+class StageCTask(Task):
+    component, model_class = "prior", StageC
 
     def __init__(self, cfg: StageCTrainConfig, device: torch.device) -> None:
         super().__init__(cfg, device)
-        self.tokenizer, self.text_encoder = self.load_text(("prior_", ""))
+        cached = bool(cfg.cache) and Path(cfg.cache).exists()  # then the semantic compressor is not needed
+        self.frozen = load_frozen_parts(cfg, device, self.component, text=("prior_", ""), semantic=not cached)
         self.cache = None
         if cfg.cache:
             from .cache import build_cache, ensure_cache, fingerprint
 
-            path, expected = Path(cfg.cache), fingerprint(cfg, self.settings.resolution_multiple)
+            st, semantic = self.frozen.settings, self.frozen.semantic
+            path, expected = Path(cfg.cache), fingerprint(cfg, st.resolution_multiple)
 
             def build() -> None:
-                semantic, _ = self.load_semantic()
                 build_cache(path, self.source, self.encode_captions,
-                            lambda images: semantic.encode(images, size=self.settings.prior_side(images.shape[-2:])),
+                            lambda images: semantic.encode(images, size=st.prior_side(images.shape[-2:])),
                             self.device, cfg, expected)  # fmt: skip
 
             self.cache = ensure_cache(path, expected, build)
-            self.semantic, self.semantic_shipped = None, False
-        else:
-            self.semantic, self.semantic_shipped = self.load_semantic()
+            self.frozen = dataclasses.replace(self.frozen, semantic=None)  # the cache holds its latents now
         self.module = PriorLoss(self.build_model(), cfg.loss_weighting, cfg.x0_weight).to(device)
-        width = getattr(self.text_encoder.config, "hidden_size", None)
-        if width is not None and width != self.model_config.c_cond:
-            expected = self.model_config.c_cond
-            raise UserError(f"the text encoder gives {width}-wide states; this prior expects {expected}")
+        self.check_text_width(self.model_config.c_cond, "prior")
 
     def loader(self, rank: int, world_size: int):
         if self.cache is not None:
@@ -520,6 +433,7 @@ class StageCTask(Stage):
     def prepare(self, batch: Batch, generator: torch.Generator, step: int) -> dict[str, Any]:
         n = len(batch["caption"])
         drop = torch.rand(n, generator=generator, device=generator.device) < self.cfg.caption_drop
+        st = self.frozen.settings
         if self.cache is not None:  # precomputed: (B, 77, D) text states, (B, 16, h, w) semantic latents
             text = batch["text"].to(self.device, torch.float32)
             text[drop] = self.cache.empty_text.to(self.device, torch.float32)
@@ -527,22 +441,20 @@ class StageCTask(Stage):
         else:
             images = batch["image"].to(self.device)
             text = self.encode_text(batch["caption"], drop)
-            semantic = self.semantic.encode(images, size=self.settings.prior_side(images.shape[-2:])).float()
-        st = self.settings
+            semantic = self.frozen.semantic.encode(images, size=st.prior_side(images.shape[-2:])).float()
         x0 = PRIOR_V2.from_decoder(semantic, st)  # the prior's space; sampled latents map back x·42 − 1
         t = sample_t(n, generator)
         noise = torch.randn(x0.shape, generator=generator, device=generator.device)
         return dict(x0=x0, noise=noise, t=t, text=text)
 
     def assemble(self, models: dict[str, nn.Module]) -> WuerstchenPipeline | None:
-        parts = {n: self.part(n) for n in ("decoder", "vqgan", "text_encoder", "tokenizer")}
-        if any(v is None for v in parts.values()):
+        f = self.frozen
+        if any(f.others.get(n) is None for n in ("decoder", "vqgan", "text_encoder", "tokenizer")):
             return None
-        return WuerstchenPipeline(
-            prior=models["prior"], prior_text_encoder=self.text_encoder, prior_tokenizer=self.tokenizer,
-            semantic=self.part("semantic") if self.cache else self.semantic if self.semantic_shipped else None,
-            settings=self.settings, **parts,
-        )  # fmt: skip
+        # With a cache the compressor was not kept: the sources' one (if any) goes with the pipeline.
+        semantic = f.others.get("semantic") if self.cache else f.semantic if f.semantic_shipped else None
+        return self.pipeline(prior=models["prior"], prior_text_encoder=f.text_encoder, prior_tokenizer=f.tokenizer,
+                             semantic=semantic)  # fmt: skip
 
     def sample(self, models: dict[str, nn.Module], path: Path) -> dict[str, float]:
         pipe = self.assemble(models)
@@ -565,29 +477,17 @@ class StageCTask(Stage):
 # ----------------------------------------------------------------------------- Stage B
 
 
-class StageBTask(Stage):
-    name, component, model_class = "b", "decoder", StageB
+class StageBTask(Task):
+    component, model_class = "decoder", StageB
 
     def __init__(self, cfg: StageBTrainConfig, device: torch.device) -> None:
         super().__init__(cfg, device)
-        self.tokenizer, self.text_encoder = self.load_text(("",))
-        vqgan = self.part("vqgan")
-        if vqgan is None:
-            raise UserError("Stage B trains on the VQGAN's latents: give --init-from/--pipeline with a vqgan/")
-        self.vqgan = vqgan.to(device).eval().requires_grad_(False)
-        semantic, self.semantic_shipped = self.load_semantic()
-        if cfg.train_semantic:
-            semantic = semantic.train().requires_grad_(True)
-        self.frozen_semantic = None if cfg.train_semantic else semantic
-        decoder = self.build_model()
-        self.module = DecoderLoss(
-            decoder, semantic if cfg.train_semantic else None, cfg.loss_weighting, cfg.semantic_recon
-        ).to(device)
-        if self.text_encoder.config.hidden_size != self.model_config.clip_embd:
-            raise UserError(
-                f"the text encoder gives {self.text_encoder.config.hidden_size}-wide states; "
-                f"this decoder expects {self.model_config.clip_embd}"
-            )
+        self.frozen = load_frozen_parts(cfg, device, self.component, text=("",), vqgan=True, semantic=True)
+        # With --train-semantic the loaded compressor is where training starts: the loss module owns it.
+        trained = self.frozen.semantic.train().requires_grad_(True) if cfg.train_semantic else None
+        self.frozen_semantic = None if cfg.train_semantic else self.frozen.semantic
+        self.module = DecoderLoss(self.build_model(), trained, cfg.loss_weighting, cfg.semantic_recon).to(device)
+        self.check_text_width(self.model_config.clip_embd, "decoder")
 
     def prepare(self, batch: Batch, generator: torch.Generator, step: int) -> dict[str, Any]:
         cfg: StageBTrainConfig = self.cfg  # type: ignore[assignment]
@@ -603,7 +503,7 @@ class StageBTask(Stage):
         scale = cfg.semantic_scale_min + (1 - cfg.semantic_scale_min) * u
         stride = (self.frozen_semantic or self.module.semantic).config.stride
         side = (max(1, int(h * scale) // stride), max(1, int(w * scale) // stride))
-        x0 = self.vqgan.encode_latents(images).float()
+        x0 = self.frozen.vqgan.encode_latents(images).float()
         t = sample_t(n, generator)
         noise = torch.randn(x0.shape, generator=generator, device=dev)
         inputs = dict(x0=x0, noise=noise, t=t, text=self.encode_text(batch["caption"], drop), keep=keep)
@@ -625,25 +525,23 @@ class StageBTask(Stage):
         return comps
 
     def assemble(self, models: dict[str, nn.Module]) -> WuerstchenPipeline | None:
-        semantic = models.get("semantic") or (self.frozen_semantic if self.semantic_shipped else None)
-        return WuerstchenPipeline(
-            prior=self.part("prior"), prior_text_encoder=self.part("prior_text_encoder"),
-            prior_tokenizer=self.part("prior_tokenizer"), decoder=models["decoder"], text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer, vqgan=self.vqgan, settings=self.settings, semantic=semantic,
-        )  # fmt: skip
+        f = self.frozen
+        semantic = models.get("semantic") or (self.frozen_semantic if f.semantic_shipped else None)
+        return self.pipeline(
+            decoder=models["decoder"], text_encoder=f.text_encoder, tokenizer=f.tokenizer, semantic=semantic
+        )
 
     @torch.no_grad()
     def sample(self, models: dict[str, nn.Module], path: Path) -> dict[str, float]:
         """Decode evaluation images from their semantic latents (at Stage C's side): originals on top."""
         items = [item for item in self.eval_items[:4] if "image" in item]
         semantic = models.get("semantic") or self.frozen_semantic
-        pipe = WuerstchenPipeline(
-            None, None, None, models["decoder"], self.text_encoder, self.tokenizer, self.vqgan, self.settings
-        )
+        f = self.frozen
+        pipe = WuerstchenPipeline(None, None, None, models["decoder"], f.text_encoder, f.tokenizer, f.vqgan, f.settings)
         if not items or not _step_ok(self, pipe):
             return {}
         images = _images(items, self.device)
-        effnet = semantic.encode(images, size=self.settings.prior_side(images.shape[-2:]))
+        effnet = semantic.encode(images, size=f.settings.prior_side(images.shape[-2:]))
         pipe.to(self.device)
         out = pipe.decode(
             effnet, prompt=[item["caption"] for item in items], num_inference_steps=self.cfg.sample_steps,
@@ -656,11 +554,12 @@ class StageBTask(Stage):
 # ----------------------------------------------------------------------------- Stage A
 
 
-class StageATask(Stage):
-    name, component, model_class = "a", "vqgan", StageA
+class StageATask(Task):
+    component, model_class = "vqgan", StageA
 
     def __init__(self, cfg: StageATrainConfig, device: torch.device) -> None:
         super().__init__(cfg, device)
+        self.frozen = load_frozen_parts(cfg, device, self.component)
         vqgan = self.build_model()
         disc = PatchDiscriminator() if cfg.adversarial else None
         self.module = VQGANLoss(vqgan, disc, cfg.recon_loss, cfg.vq_weight, cfg.adv_weight).to(device)
@@ -673,10 +572,9 @@ class StageATask(Stage):
         self.note("Stage A has no gradient checkpointing (it is small); training without it")
 
     def assemble(self, models: dict[str, nn.Module]) -> WuerstchenPipeline | None:
-        if self.part("decoder") is None and self.part("prior") is None:
+        if self.frozen.others.get("decoder") is None and self.frozen.others.get("prior") is None:
             return None
-        names = ("prior", "prior_text_encoder", "prior_tokenizer", "decoder", "text_encoder", "tokenizer", "semantic")
-        return WuerstchenPipeline(vqgan=models["vqgan"], settings=self.settings, **{n: self.part(n) for n in names})
+        return self.pipeline(vqgan=models["vqgan"])
 
     @torch.no_grad()
     def sample(self, models: dict[str, nn.Module], path: Path) -> dict[str, float]:
@@ -697,9 +595,9 @@ class StageATask(Stage):
         return {"psnr": sum(psnrs) / len(psnrs)}
 
 
-TASKS: dict[str, type[Stage]] = {"a": StageATask, "b": StageBTask, "c": StageCTask}
+TASKS: dict[str, type[Task]] = {"a": StageATask, "b": StageBTask, "c": StageCTask}
 
 
-def make_stage(cfg: TrainConfig, device: torch.device) -> Stage:
-    """The stage of `cfg` with its frozen parts loaded and its loss module built on `device`."""
+def make_task(cfg: TrainConfig, device: torch.device) -> Task:
+    """The task of `cfg`'s stage, with its frozen parts loaded and its loss module built on `device`."""
     return TASKS[cfg.stage](cfg, device)
