@@ -47,6 +47,16 @@ def convert_attention_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return out
 
 
+def convert_stage_a_keys(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The VQGAN's codebook `vquantizer.codebook.weight` (torchtools' VectorQuantize, in the original
+    v2 file and Stable Cascade's `stage_a.safetensors`) → `vquantizer.embedding.weight`; the other
+    keys are already diffusers' (`PaellaVQModel`) and ours."""
+    out = dict(state)
+    if "vquantizer.codebook.weight" in out:
+        out["vquantizer.embedding.weight"] = out.pop("vquantizer.codebook.weight")
+    return out
+
+
 def _pick(data: dict, keys: tuple[str, ...], path: str | Path) -> dict[str, torch.Tensor]:
     for key in keys:
         if key in data and isinstance(data[key], dict):
@@ -76,9 +86,7 @@ def load_original_stage_b(
 def load_original_stage_a(
     path: str | Path, config: StageAConfig = STAGE_A_PRESETS["official-v2"], dtype: torch.dtype | None = None
 ) -> StageA:
-    state = dict(_pick(read_original(path), ("state_dict",), path))
-    if "vquantizer.codebook.weight" in state:
-        state["vquantizer.embedding.weight"] = state.pop("vquantizer.codebook.weight")
+    state = convert_stage_a_keys(_pick(read_original(path), ("state_dict",), path))
     return build_from_state(StageA, config, state, str(path), dtype)
 
 
