@@ -278,6 +278,7 @@ def test_job_queue_survives_a_failure_and_forgets_old_jobs(tmp_path: Path) -> No
     and only the last `keep_jobs` ended jobs (and their temporary files) are kept."""
     from types import SimpleNamespace
 
+    from wuerstchen.parts import PRIOR_V2
     from wuerstchen.server.app import ApiError, JobParams, JobQueue, Limits
 
     def pipe(prompt: str, **kw: Any) -> SimpleNamespace:
@@ -285,6 +286,7 @@ def test_job_queue_survives_a_failure_and_forgets_old_jobs(tmp_path: Path) -> No
             raise RuntimeError("out of memory")
         return SimpleNamespace(images=[Image.new("RGB", (kw["width"], kw["height"]))] * kw["num_images_per_prompt"])
 
+    pipe.prior_part = PRIOR_V2  # what the queue reads of a pipeline besides calling it: the default schedule
     params = JobParams("ok", None, 128, 128, 2, 3, 2, 4.0, 2, 0.0, "ddpm")
     jobs = JobQueue(pipe, "stub", Limits(max_side=256), keep_jobs=1, preview=False)
     jobs.start()

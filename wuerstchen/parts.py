@@ -23,6 +23,7 @@ from .errors import UserError
 from .models.stage_b import StageB
 from .models.stage_c import StageC
 from .models.text import encode_prompts, encode_prompts_pooled
+from .sampling import DEFAULT_STAGE_C_TIMESTEPS, shifted_timesteps
 
 if TYPE_CHECKING:
     from .models.cascade import CascadeUNet
@@ -74,7 +75,10 @@ class PriorV2:
     image side. The text K/V of every attention block is computed once per generation; with CFG the
     latent enters once for both halves (`copies=2`)."""
 
+    name = "Würstchen v2"
+    # diffusers' call defaults; the commands run the official 30-time schedule (`command_times`).
     defaults = {"prior_steps": 60, "decoder_steps": 12, "prior_guidance": 4.0, "decoder_guidance": 0.0}
+    command_times: list[float] | None = DEFAULT_STAGE_C_TIMESTEPS
 
     def encode_text(self, tokenizer: Any, encoder: nn.Module, texts: list[str], device: torch.device,
                     weighting: bool, warn: bool) -> Text:  # fmt: skip
@@ -141,7 +145,9 @@ class PriorV3:
     As diffusers' `StableCascadePriorPipeline`: the unconditioned half of CFG has the negative
     prompt's text and zero image embeddings; without images both halves have one zero image token."""
 
+    name = "Stable Cascade"
     defaults = {"prior_steps": 20, "decoder_steps": 10, "prior_guidance": 4.0, "decoder_guidance": 0.0}
+    command_times: list[float] | None = None  # diffusers' 20 even steps
 
     def encode_text(self, tokenizer: Any, encoder: nn.Module, texts: list[str], device: torch.device,
                     weighting: bool, warn: bool) -> Text:  # fmt: skip
@@ -211,6 +217,14 @@ PRIOR_V2 = PriorV2()
 DECODER_V2 = DecoderV2()
 PRIOR_V3 = PriorV3()
 DECODER_V3 = DecoderV3()
+
+
+def prior_times(part: Any, steps: int | None, shift: float = 1.0) -> list[float]:
+    """The Stage C schedule the CLI and the server run: `steps` even steps (moved by the schedule
+    `shift`, see `shifted_timesteps`), or without `steps` the generation's default."""
+    if steps is None and part.command_times is not None and shift == 1:
+        return part.command_times
+    return shifted_timesteps(part.defaults["prior_steps"] if steps is None else steps, shift)
 
 
 def parts_for(prior: nn.Module | None, decoder: nn.Module | None) -> tuple[Any, Any]:

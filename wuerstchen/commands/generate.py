@@ -32,10 +32,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=None, help="seed of the first image (default: random, printed)")
     p.add_argument(
-        "--prior-steps", type=int, default=None, help="Stage C steps (default: the official 30-step schedule)"
+        "--prior-steps",
+        type=int,
+        default=None,
+        help="Stage C steps (default: the model's: v2 the official 30-time schedule, Stable Cascade 20)",
+    )
+    p.add_argument(
+        "--prior-shift",
+        type=float,
+        default=1.0,
+        help="schedule shift of the Stage C steps (Stable Cascade's official sampler and ComfyUI use 2; 1: diffusers')",
     )
     p.add_argument("--prior-guidance", type=float, default=4.0, help="Stage C guidance scale (≤ 1: off)")
-    p.add_argument("--decoder-steps", type=int, default=12, help="Stage B steps")
+    p.add_argument("--decoder-steps", type=int, default=None, help="Stage B steps (default: the model's: 12, or 10)")
     p.add_argument("--decoder-guidance", type=float, default=0.0, help="Stage B guidance scale (≤ 1: off)")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="ddpm (reference) or ddim")
     p.add_argument("--output-dir", default="outputs", help="folder for the PNGs")
@@ -99,8 +108,7 @@ def _paths(args: argparse.Namespace, jobs: list[dict], out_dir: Path) -> list[Pa
 
 def run(args: argparse.Namespace) -> int:
     from ..assets import SHIPPED_MODEL_NAME
-    from ..sampling import DEFAULT_STAGE_C_TIMESTEPS
-    from ..sampling import timesteps as even_timesteps
+    from ..parts import prior_times
 
     if args.from_png:
         from ..io.png import read_png_parameters
@@ -112,13 +120,12 @@ def run(args: argparse.Namespace) -> int:
         if args.dtype == "auto" and saved.get("dtype"):
             args.dtype = saved["dtype"]  # the precision the image was made in: the same pixels again
     else:
-        for name in ("num_images", "decoder_steps"):
-            if getattr(args, name) < 1:
+        for name in ("num_images", "decoder_steps", "prior_steps"):
+            if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+        if not args.prior_shift > 0:
+            raise UserError("--prior-shift must be > 0 (1: no shift)")
         seed = args.seed if args.seed is not None else random.randrange(2**31)
-        times = DEFAULT_STAGE_C_TIMESTEPS if args.prior_steps is None else None
-        if args.prior_steps is not None and args.prior_steps < 1:
-            raise UserError("--prior-steps must be at least 1")
         jobs = []
         for prompt in _prompts(args):
             for _ in range(args.num_images):
@@ -129,8 +136,9 @@ def run(args: argparse.Namespace) -> int:
                         height=args.height,
                         width=args.width,
                         seed=seed + len(jobs),
-                        prior_timesteps=times,
+                        prior_timesteps=None,  # the model's (known once it is loaded)
                         prior_steps=args.prior_steps,
+                        prior_shift=args.prior_shift,
                         prior_guidance=args.prior_guidance,
                         decoder_steps=args.decoder_steps,
                         decoder_guidance=args.decoder_guidance,
@@ -167,7 +175,8 @@ def run(args: argparse.Namespace) -> int:
     for job, path in zip(jobs, paths, strict=True):
         height = _check_size(job["height"], "height", step, native)
         width = _check_size(job["width"], "width", step, native)
-        times = job["prior_timesteps"] or even_timesteps(job["prior_steps"])
+        times = job["prior_timesteps"] or prior_times(pipe.prior_part, job["prior_steps"], job.get("prior_shift", 1))
+        decoder_steps = job.get("decoder_steps") or pipe.prior_part.defaults["decoder_steps"]
         image = pipe(
             job["prompt"],
             negative_prompt=job["negative_prompt"],
@@ -175,14 +184,15 @@ def run(args: argparse.Namespace) -> int:
             width=width,
             prior_timesteps=times,
             prior_guidance_scale=job["prior_guidance"],
-            num_inference_steps=job["decoder_steps"],
+            num_inference_steps=decoder_steps,
             decoder_guidance_scale=job["decoder_guidance"],
             seed=job["seed"],
             sampler=job["sampler"],
             step_hook=hook,
         ).images[0]
         params = dict(
-            job, height=height, width=width, prior_timesteps=times, model=str(model_name), dtype=args.resolved_dtype
+            job, height=height, width=width, prior_timesteps=times, decoder_steps=decoder_steps, model=str(model_name),
+            dtype=args.resolved_dtype,
         )
         save_png(image, path, params)
         print(path, flush=True)

@@ -39,9 +39,8 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..io.png import save_png
+from ..parts import prior_times
 from ..pipeline import WuerstchenPipeline
-from ..sampling import DEFAULT_STAGE_C_TIMESTEPS
-from ..sampling import timesteps as even_timesteps
 from .preview import preview_map, render_preview
 from .ui import PAGE
 
@@ -87,9 +86,9 @@ class JobRequest(BaseModel):
     height: int | None = None
     num_images: int = 1
     seed: int | None = None  # None: random; image i gets seed + i
-    prior_steps: int | None = None  # None: the official schedule (DEFAULT_STAGE_C_TIMESTEPS)
+    prior_steps: int | None = None  # None: the model's schedule (v2: DEFAULT_STAGE_C_TIMESTEPS)
     prior_guidance: float = 4.0
-    decoder_steps: int = 12
+    decoder_steps: int | None = None  # None: the model's (v2 12, Stable Cascade 10)
     decoder_guidance: float = 0.0
     sampler: Literal["ddpm", "ddim"] = "ddpm"
 
@@ -108,7 +107,7 @@ class OpenAIImageRequest(BaseModel):
     seed: int | None = None
     prior_steps: int | None = None
     prior_guidance: float = 4.0
-    decoder_steps: int = 12
+    decoder_steps: int | None = None
     decoder_guidance: float = 0.0
     sampler: Literal["ddpm", "ddim"] = "ddpm"
 
@@ -209,7 +208,7 @@ def check_params(
         seed=req.seed,
         prior_steps=req.prior_steps,
         prior_guidance=float(req.prior_guidance),
-        decoder_steps=req.decoder_steps,
+        decoder_steps=req.decoder_steps or pipe.prior_part.defaults["decoder_steps"],
         decoder_guidance=float(req.decoder_guidance),
         sampler=req.sampler,
     )
@@ -418,7 +417,7 @@ class JobQueue:
 
     def _generate(self, job: Job) -> None:
         p, pipe = job.params, self.pipe
-        times = DEFAULT_STAGE_C_TIMESTEPS if p.prior_steps is None else even_timesteps(p.prior_steps)
+        times = prior_times(pipe.prior_part, p.prior_steps)
         last_preview = 0.0
 
         def hook(stage: str, step: int, total: int, latents: Any) -> None:
@@ -576,8 +575,10 @@ def create_app(
             "default_size": native,
             "presets": [{"width": w, "height": h} for w, h in size_presets(native, step, limits.max_side)],
             "limits": asdict(limits) | {"min_side": step, "min_guidance": 0, "max_seed": MAX_SEED - limits.max_images},
-            "defaults": JobRequest(prompt="").model_dump(exclude={"prompt"}) | {"width": native, "height": native},
-            "official_prior_steps": len(DEFAULT_STAGE_C_TIMESTEPS) - 1,
+            "generation": pipe.prior_part.name,
+            "defaults": JobRequest(prompt="").model_dump(exclude={"prompt"})
+            | {"width": native, "height": native, "decoder_steps": pipe.prior_part.defaults["decoder_steps"]},
+            "default_prior_steps": len(prior_times(pipe.prior_part, None)) - 1,
             "samplers": ["ddpm", "ddim"],
             "preview": preview,
         }

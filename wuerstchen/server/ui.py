@@ -120,7 +120,7 @@ function setSize(w, h) {
 async function init() {
   info = await api("/api/info");
   const L = info.limits, d = info.defaults;
-  $("#model").textContent = `${info.model} · ${info.device} · ${info.dtype}`;
+  $("#model").textContent = `${info.model} (${info.generation}) · ${info.device} · ${info.dtype}`;
   for (const p of info.presets) {
     const option = {value: `${p.width}x${p.height}`, textContent: `${p.width} × ${p.height}`};
     $("#preset").append(build("option", option, []));
@@ -131,7 +131,7 @@ async function init() {
   }
   setSize(d.width, d.height);
   Object.assign($("#num_images"), {max: L.max_images, value: d.num_images});
-  Object.assign($("#prior_steps"), {max: L.max_steps, placeholder: `${info.official_prior_steps} (official schedule)`});
+  Object.assign($("#prior_steps"), {max: L.max_steps, placeholder: `${info.default_prior_steps} (model default)`});
   Object.assign($("#decoder_steps"), {max: L.max_steps, value: d.decoder_steps});
   Object.assign($("#prior_guidance"), {max: L.max_guidance, value: d.prior_guidance});
   Object.assign($("#decoder_guidance"), {max: L.max_guidance, value: d.decoder_guidance});
