@@ -11,7 +11,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from tiny import diffusers_components  # noqa: E402
+from tiny import cascade_components, diffusers_components  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -39,6 +39,31 @@ def reference(tmp_path_factory):
         prior=parts["prior_prior"],
         scheduler=parts["prior_scheduler"],
     ).save_pretrained(root / "prior-repo")
+    return ref, root
+
+
+@pytest.fixture(scope="session")
+def cascade_reference(tmp_path_factory):
+    """diffusers' Stable Cascade combined pipeline over tiny random components, saved as a combined
+    folder and as the hub's two repos (decoder + vqgan, prior + image encoder), with the hub's
+    `model_index.json` naming the VQGAN `["wuerstchen", "PaellaVQModel"]`."""
+    import json
+
+    from diffusers import StableCascadeCombinedPipeline, StableCascadeDecoderPipeline, StableCascadePriorPipeline
+
+    parts = cascade_components(seed=0)
+    ref = StableCascadeCombinedPipeline(**parts)
+    ref.set_progress_bar_config(disable=True)
+    root = tmp_path_factory.mktemp("cascade")
+    ref.save_pretrained(root / "combined")
+    names = ("tokenizer", "text_encoder", "decoder", "scheduler", "vqgan")
+    StableCascadeDecoderPipeline(**{n: parts[n] for n in names}).save_pretrained(root / "decoder-repo")
+    names = ("tokenizer", "text_encoder", "prior", "scheduler", "image_encoder", "feature_extractor")
+    StableCascadePriorPipeline(**{n: parts[f"prior_{n}"] for n in names}).save_pretrained(root / "prior-repo")
+    index_path = root / "decoder-repo" / "model_index.json"
+    index = json.loads(index_path.read_text())
+    index["vqgan"] = ["wuerstchen", "PaellaVQModel"]  # as on the hub: diffusers cannot load it so
+    index_path.write_text(json.dumps(index))
     return ref, root
 
 

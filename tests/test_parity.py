@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import run_both
 from tolerance import max_abs, std_err
 
 from wuerstchen import DEFAULT_STAGE_C_TIMESTEPS, WuerstchenPipeline
@@ -75,22 +76,7 @@ def _prior_args(case: dict) -> dict:
 def test_same_latents_and_images(case, ours, reference):
     ref, _ = reference
     args = {**BASE, **CASES[case]}
-    # The latents of each stage's last step, captured through each pipeline's step callbacks.
-    want_lat, got_lat = {}, {}
-
-    def capture(stage):
-        def callback(_pipe, _i, _t, kwargs):
-            want_lat[stage] = kwargs["latents"].clone()
-            return {}
-
-        return callback
-
-    def hook(stage, _step, _total, latents):
-        got_lat[stage] = latents.clone()
-
-    want = ref(**args, generator=gen(), output_type="pt", prior_callback_on_step_end=capture("prior"),
-               callback_on_step_end=capture("decoder")).images  # fmt: skip
-    got = ours(**args, generator=gen(), output_type="pt", step_hook=hook).images
+    want, got, want_lat, got_lat = run_both(ref, ours, args, gen)  # and each stage's last latents
     # Prior latents, decoder latents, images.
     assert std_err(got_lat["prior"], want_lat["prior"]) <= PRIOR_TOL
     assert std_err(got_lat["decoder"], want_lat["decoder"]) <= DECODER_TOL

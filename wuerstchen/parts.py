@@ -89,12 +89,7 @@ class PriorV2:
             raise UserError("Würstchen v2 takes no image inputs: image variations need a Stable Cascade model")
 
     def latent_shape(self, model: StageC, n: int, height: int, width: int, st: PipelineSettings) -> tuple[int, ...]:
-        return (
-            n,
-            model.config.c_in,
-            math.ceil(height / st.resolution_multiple),
-            math.ceil(width / st.resolution_multiple),
-        )
+        return (n, model.config.c_in, *st.prior_side((height, width)))
 
     def denoiser(self, model: StageC, run: nn.Module, text: Text, guidance_scale: float, image: None) -> Denoiser:
         """`run` is the module to call (the model itself, or its compiled form)."""
@@ -164,7 +159,9 @@ class PriorV3:
         embeds = embeds.to(pipe.device).repeat(n // embeds.shape[0], 1, 1)
         return torch.cat([embeds, torch.zeros_like(embeds)]) if cfg else embeds
 
-    latent_shape = PriorV2.latent_shape
+    def latent_shape(self, model: CascadeUNet, n: int, height: int, width: int,
+                     st: PipelineSettings) -> tuple[int, ...]:  # fmt: skip
+        return (n, model.config.in_channels, *st.prior_side((height, width)))
 
     def denoiser(self, model: CascadeUNet, run: nn.Module, text: Text, guidance_scale: float,
                  image: Tensor) -> Denoiser:  # fmt: skip

@@ -29,9 +29,10 @@ def char_tokenizer(max_length: int = 77):
     return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
 
 
-def clip_text_model(seed: int, width: int = 32, layers: int = 2, heads: int = 2):
-    """A randomly initialised CLIP text tower over `char_tokenizer`'s 514 ids."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+def clip_text_model(seed: int, width: int = 32, layers: int = 2, heads: int = 2, projection: int | None = None):
+    """A randomly initialised CLIP text tower over `char_tokenizer`'s 514 ids; with `projection`, a
+    `CLIPTextModelWithProjection` (Stable Cascade's kind: its pooled embedding has that width)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
     config = CLIPTextConfig(
@@ -44,8 +45,10 @@ def clip_text_model(seed: int, width: int = 32, layers: int = 2, heads: int = 2)
         bos_token_id=512,
         eos_token_id=513,
         pad_token_id=513,
+        projection_dim=projection or width,
     )
-    return CLIPTextModel(config).eval().requires_grad_(False)
+    cls = CLIPTextModel if projection is None else CLIPTextModelWithProjection
+    return cls(config).eval().requires_grad_(False)
 
 
 def randomize(model: nn.Module, seed: int) -> nn.Module:

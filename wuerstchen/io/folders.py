@@ -121,7 +121,7 @@ def resolve_folder(path_or_id: str | Path, lite: bool = False, variant: str | No
 # class looked up by an arbitrary name from a file, never code from the folder (`auto_map`).
 TEXT_ENCODER_CLASSES = ("CLIPTextModel", "CLIPTextModelWithProjection")
 IMAGE_ENCODER_CLASSES = ("CLIPVisionModelWithProjection",)
-IMAGE_PROCESSOR_CLASSES = ("CLIPImageProcessor", "CLIPImageProcessorFast")
+IMAGE_PROCESSOR_CLASSES = ("CLIPImageProcessor", "CLIPImageProcessorFast", "CLIPImageProcessorPil")
 TOKENIZER_CLASSES = ("CLIPTokenizer", "CLIPTokenizerFast", "PreTrainedTokenizerFast", "TokenizersBackend")
 
 

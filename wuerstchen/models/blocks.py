@@ -152,14 +152,25 @@ class ResBlockStageB(nn.Module):
 
 
 class TimestepBlock(nn.Module):
-    """`x·(1 + a) + b` with `a, b = Linear(r_emb)`."""
+    """`x·(1 + a) + b` with `a, b = Linear(r_emb)`.
 
-    def __init__(self, c: int, c_r: int) -> None:
+    Stable Cascade adds one mapper per extra time-like condition (`conds`, e.g. "sca", "crp"):
+    r_emb is then the embeddings of r and of each condition side by side, (B, c_r·(1 + len(conds))),
+    and their (a, b) are summed."""
+
+    def __init__(self, c: int, c_r: int, conds: tuple[str, ...] = ()) -> None:
         super().__init__()
         self.mapper = Linear(c_r, c * 2)
+        self.conds = tuple(conds)
+        for name in self.conds:
+            setattr(self, f"mapper_{name}", Linear(c_r, c * 2))
 
     def forward(self, x: Tensor, r_emb: Tensor) -> Tensor:
-        a, b = self.mapper(r_emb)[:, :, None, None].chunk(2, dim=1)
+        parts = r_emb.chunk(len(self.conds) + 1, dim=1)
+        ab = self.mapper(parts[0])
+        for name, emb in zip(self.conds, parts[1:], strict=True):
+            ab = ab + getattr(self, f"mapper_{name}")(emb)
+        a, b = ab[:, :, None, None].chunk(2, dim=1)
         return x * (1 + a) + b
 
 

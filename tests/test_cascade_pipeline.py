@@ -1,0 +1,143 @@
+"""Stable Cascade (v3) through our one pipeline against diffusers' deprecated Stable Cascade
+pipelines, on the same tiny random weights: same generator → same prior latents, decoder latents
+and images. Images (in [0, 1]) max abs difference ≤ 1e-4; latents relative to their standard
+deviation (see `tolerance`: float32 rounding differs between CPUs in proportion to the values).
+Also what diffusers cannot do: lists of prompts, `seed=`, the prior's `timesteps`."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from tiny import run_both
+from tolerance import max_abs, std_err
+
+from wuerstchen import WuerstchenPipeline
+
+# Both pipelines run the same float32 arithmetic in other orders (our text K/V once per generation,
+# our CPU kernels): rounding only. Images in [0, 1], absolute: measured here (Zen 4) ≤ 2.0e-5
+# (decoder guidance; the others 1.2–1.8e-5), the issue's bound 1e-4 leaves other CPUs 5×. Latents
+# relative to their std: measured ≤ 7.8e-7 (prior) and ≤ 6.7e-7 (decoder); 1e-5 leaves the 4×
+# that an Intel Xeon showed for v2 three times over, where the issue's 1e-4 would hide real errors.
+IMAGE_TOL = 1e-4
+LATENT_TOL = 1e-5
+
+BASE = dict(height=128, width=128, prior_num_inference_steps=6, num_inference_steps=4)
+CASES = {
+    "prompt with CFG": dict(prompt="a red circle"),
+    "negative prompt": dict(prompt="a red circle", negative_prompt="a blue square"),
+    "2 images per prompt": dict(prompt="a red circle", num_images_per_prompt=2),
+    "non-square": dict(prompt="a green triangle", height=128, width=256),
+    "decoder guidance": dict(prompt="a red circle", negative_prompt="noise", decoder_guidance_scale=3.0),
+    "no guidance": dict(prompt="a red circle", prior_guidance_scale=1.0),
+}
+
+
+def gen() -> torch.Generator:
+    return torch.Generator().manual_seed(4321)
+
+
+def picture() -> Image.Image:
+    g = torch.Generator().manual_seed(5)
+    return Image.fromarray((torch.rand(40, 48, 3, generator=g) * 255).byte().numpy())
+
+
+@pytest.fixture(scope="module")
+def ours(cascade_reference):
+    return WuerstchenPipeline.from_pretrained(cascade_reference[1] / "combined")
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_same_latents_and_images(case, ours, cascade_reference):
+    ref, _ = cascade_reference
+    args = {**BASE, **CASES[case]}
+    want, got, want_lat, got_lat = run_both(ref, ours, args, gen)
+    assert std_err(got_lat["prior"], want_lat["prior"]) <= LATENT_TOL
+    assert std_err(got_lat["decoder"], want_lat["decoder"]) <= LATENT_TOL
+    assert got.shape == want.shape == (args.get("num_images_per_prompt", 1), 3, args["height"], args["width"])
+    assert max_abs(got, want) <= IMAGE_TOL
+    assert want.std() > 0.02  # the images are not flat: the comparison means something
+
+
+def test_image_variation_from_a_pil_image(ours, cascade_reference):
+    ref, _ = cascade_reference
+    args = {**BASE, "prompt": "", "images": [picture()]}
+    want, got, want_lat, got_lat = run_both(ref, ours, args, gen)
+    assert std_err(got_lat["prior"], want_lat["prior"]) <= LATENT_TOL
+    assert max_abs(got, want) <= IMAGE_TOL
+    plain = ours(**{**BASE, "prompt": ""}, generator=gen(), output_type="pt").images
+    assert max_abs(plain, got) > 1e-3  # the image condition changes the result
+
+
+def test_image_weights_scale_the_embeddings(ours):
+    one = ours.encode_images([picture()])
+    two = ours.encode_images([picture(), picture()], weights=[1.0, 0.5])
+    assert one.shape == (1, 1, ours.prior.config.clip_image_in_channels) and two.shape[1] == 2
+    assert torch.equal(two[:, :1], one) and torch.allclose(two[:, 1:], one * 0.5)
+
+
+def test_custom_prior_timesteps(ours, cascade_reference):
+    # diffusers' prior accepts `timesteps` and ignores them; the reference here is its scheduler
+    # set to the same times, which is what honouring them means.
+    from diffusers import DDPMWuerstchenScheduler
+
+    ref, _ = cascade_reference
+    times = [1.0, 0.8, 0.55, 0.3, 0.1, 0.0]
+    sched = ref.prior_pipe.scheduler
+    original = sched.set_timesteps
+    sched.set_timesteps = lambda *a, device=None, **k: DDPMWuerstchenScheduler.set_timesteps(
+        sched, timesteps=times, device=device
+    )
+    try:
+        want = ref.prior_pipe("a red circle", height=128, width=128, generator=gen(), output_type="pt")
+    finally:
+        sched.set_timesteps = original
+    got = ours.generate_prior("a red circle", height=128, width=128, timesteps=times, generator=gen())
+    assert std_err(got.image_embeddings, want.image_embeddings) <= LATENT_TOL
+
+
+def test_two_repo_hub_layout(cascade_reference, ours):
+    ref, root = cascade_reference
+    pipe = WuerstchenPipeline.from_pretrained(root / "decoder-repo", prior=root / "prior-repo")
+    assert type(pipe.prior).__name__ == "CascadeUNet" and pipe.image_encoder is not None
+    args = {**BASE, **CASES["negative prompt"]}
+    want, got, _, _ = run_both(ref, pipe, args, gen)
+    assert max_abs(got, want) <= IMAGE_TOL
+
+
+def test_prior_and_decoder_alone(ours, cascade_reference):
+    ref, _ = cascade_reference
+    prior_args = dict(prompt="a red circle", height=128, width=256, num_inference_steps=5, negative_prompt="x")
+    want = ref.prior_pipe(**prior_args, generator=gen(), output_type="pt")
+    got = ours.generate_prior(**prior_args, generator=gen())
+    assert got.image_embeddings.shape == (1, 16, 3, 6)
+    assert std_err(got.image_embeddings, want.image_embeddings) <= LATENT_TOL
+    emb = torch.randn(2, 16, 3, 3, generator=gen())
+    dec = dict(num_inference_steps=4, guidance_scale=2.0)
+    want = ref.decoder_pipe(emb, prompt=["a", "b"], negative_prompt=["n", "n"], generator=gen(),
+                            output_type="latent", **dec).images  # fmt: skip
+    got = ours.decode(emb, prompt=["a", "b"], negative_prompt="n", generator=gen(), output_type="latent", **dec)
+    assert std_err(got.images, want) <= LATENT_TOL
+
+
+def test_lists_of_prompts_and_seeds_match_single_runs(ours):
+    prompts = ["a red circle", "two blue squares"]
+    batch = ours(prompts, num_images_per_prompt=2, seed=11, output_type="pt", **BASE).images
+    assert batch.shape == (4, 3, 128, 128)
+    for i in range(4):
+        alone = ours(prompts[i // 2], seed=11 + i, output_type="pt", **BASE).images
+        # A batch of 4 and of 1 may take other GEMM kernels: float32 rounding in other orders, as
+        # against diffusers (IMAGE_TOL); measured here ≤ 1.6e-5 (these random weights' images are
+        # mostly saturated, their few mid-tones change fastest).
+        assert max_abs(alone[0], batch[i]) <= IMAGE_TOL, f"image {i} differs from its regeneration alone"
+    assert max_abs(batch[0], batch[1]) > 0.01
+
+
+def test_defaults_are_diffusers_stable_cascade_ones(ours):
+    assert ours.prior_part.defaults == {
+        "prior_steps": 20, "decoder_steps": 10, "prior_guidance": 4.0, "decoder_guidance": 0.0
+    }  # fmt: skip
+    seen = {}
+    ours(**{k: v for k, v in BASE.items() if "steps" not in k}, prompt="x", seed=0, output_type="latent",
+         step_hook=lambda stage, step, total, _x: seen.__setitem__(stage, total))  # fmt: skip
+    assert seen == {"prior": 20, "decoder": 10}
