@@ -141,3 +141,71 @@ def test_defaults_are_diffusers_stable_cascade_ones(ours):
     ours(**{k: v for k, v in BASE.items() if "steps" not in k}, prompt="x", seed=0, output_type="latent",
          step_hook=lambda stage, step, total, _x: seen.__setitem__(stage, total))  # fmt: skip
     assert seen == {"prior": 20, "decoder": 10}
+
+
+def test_save_pretrained_round_trip_loads_in_ours_and_diffusers(ours, tmp_path):
+    from diffusers import StableCascadeUNet
+
+    ours.save_pretrained(tmp_path / "saved")
+    again = WuerstchenPipeline.from_pretrained(tmp_path / "saved")
+    args = {**BASE, "prompt": "a red circle", "images": [picture()]}
+    assert torch.equal(again(**args, seed=3, output_type="pt").images, ours(**args, seed=3, output_type="pt").images)
+    for name, model in (("prior_prior", ours.prior), ("decoder", ours.decoder)):
+        theirs = StableCascadeUNet.from_pretrained(tmp_path / "saved" / name)
+        assert all(torch.equal(theirs.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_lite_folders_and_variant_files(cascade_reference, tmp_path):
+    import shutil
+
+    # The hub's repos hold decoder_lite/ and prior_lite/ beside the full models, and bf16 files
+    # (diffusion_pytorch_model.bf16.safetensors); components without that variant load their plain files.
+    _, root = cascade_reference
+    for repo, model in (("decoder-repo", "decoder"), ("prior-repo", "prior")):
+        shutil.copytree(root / repo, tmp_path / repo)
+        lite = tmp_path / repo / f"{model}_lite"
+        (tmp_path / repo / model).rename(lite)
+        (lite / "diffusion_pytorch_model.safetensors").rename(lite / "diffusion_pytorch_model.bf16.safetensors")
+    pipe = WuerstchenPipeline.from_pretrained(tmp_path / "decoder-repo", prior=tmp_path / "prior-repo", lite=True,
+                                              variant="bf16")  # fmt: skip
+    full = WuerstchenPipeline.from_pretrained(root / "decoder-repo", prior=root / "prior-repo")
+    for a, b in ((pipe.decoder, full.decoder), (pipe.prior, full.prior)):
+        assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True))
+    with pytest.raises(FileNotFoundError, match="prior_lite"):
+        WuerstchenPipeline.from_pretrained(root / "prior-repo", lite=True)
+    with pytest.raises(FileNotFoundError, match="diffusion_pytorch_model"):  # the lite folder has only bf16 files
+        WuerstchenPipeline.from_pretrained(tmp_path / "prior-repo", lite=True)
+    with pytest.raises(FileNotFoundError, match="lite=True"):
+        WuerstchenPipeline.from_pretrained(tmp_path / "prior-repo")
+
+
+def test_bfloat16_runs_end_to_end_close_to_float32(cascade_reference):
+    # DDIM and a fixed seed; bfloat16 keeps 8 bits of mantissa: these random-weight images are
+    # mostly saturated, so a flipped pixel counts fully. Mean abs difference of images in [0, 1].
+    _, root = cascade_reference
+    f32 = WuerstchenPipeline.from_pretrained(root / "combined")
+    bf16 = WuerstchenPipeline.from_pretrained(root / "combined", torch_dtype=torch.bfloat16)
+    assert next(bf16.prior.parameters()).dtype == torch.bfloat16
+    args = {**BASE, "prompt": "a red circle", "sampler": "ddim", "seed": 4, "output_type": "pt"}
+    a, b = f32(**args).images, bf16(**args).images
+    assert b.dtype == torch.float32 and torch.isfinite(b).all()
+    assert (a - b).abs().mean() <= 0.03  # ≈ 8 BF16_EPS, as for v2; measured 1.4e-3 here (seeds 0–3)
+
+
+@pytest.mark.parametrize("kind", ["model", "sequential"])
+def test_offload_gives_the_same_image(cascade_reference, ours, kind):
+    offloaded = WuerstchenPipeline.from_pretrained(cascade_reference[1] / "combined")
+    getattr(offloaded, f"enable_{kind}_cpu_offload")("cpu")
+    args = {**BASE, "prompt": "a red circle", "images": [picture()], "seed": 6, "output_type": "pt"}
+    assert torch.equal(offloaded(**args).images, ours(**args).images)
+
+
+def test_prompt_embeds_need_their_pooled_embedding(ours):
+    states, pooled = ours.encode_prompt("prior", ["a red circle"], None, False, 1)
+    with pytest.raises(ValueError, match="pooled"):
+        ours.generate_prior(prompt_embeds=states, height=128, width=128, num_inference_steps=2)
+    got = ours.generate_prior(prompt_embeds=states, prompt_embeds_pooled=pooled, height=128, width=128,
+                              num_inference_steps=2, seed=1, negative_prompt="x")  # fmt: skip
+    want = ours.generate_prior("a red circle", height=128, width=128, num_inference_steps=2, seed=1,
+                               negative_prompt="x")  # fmt: skip
+    assert torch.equal(got.image_embeddings, want.image_embeddings)

@@ -76,6 +76,7 @@ class PriorV2:
     latent enters once for both halves (`copies=2`)."""
 
     name = "Würstchen v2"
+    combined_class = "WuerstchenCombinedPipeline"  # model_index.json of our save_pretrained
     # diffusers' call defaults; the commands run the official 30-time schedule (`command_times`).
     defaults = {"prior_steps": 60, "decoder_steps": 12, "prior_guidance": 4.0, "decoder_guidance": 0.0}
     command_times: list[float] | None = DEFAULT_STAGE_C_TIMESTEPS
@@ -141,6 +142,7 @@ class PriorV3:
     prompt's text and zero image embeddings; without images both halves have one zero image token."""
 
     name = "Stable Cascade"
+    combined_class = "StableCascadeCombinedPipeline"
     defaults = {"prior_steps": 20, "decoder_steps": 10, "prior_guidance": 4.0, "decoder_guidance": 0.0}
     command_times: list[float] | None = None  # diffusers' 20 even steps
 
@@ -165,6 +167,9 @@ class PriorV3:
 
     def denoiser(self, model: CascadeUNet, run: nn.Module, text: Text, guidance_scale: float,
                  image: Tensor) -> Denoiser:  # fmt: skip
+        if len(text) != 2:
+            raise UserError("Stable Cascade's prior reads token states and their pooled embedding: give "
+                            "`prompt_embeds_pooled` with `prompt_embeds` (and the negatives' likewise)")  # fmt: skip
         dtype = next(model.parameters()).dtype
         states, pooled = (t.to(dtype) for t in text)
         cond = model.condition(clip_text_pooled=pooled, clip_text=states, clip_img=image.to(dtype))

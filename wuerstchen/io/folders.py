@@ -136,7 +136,9 @@ def load_text_encoder(folder: Path, class_name: str | None, dtype: torch.dtype |
     import transformers
 
     name = _allowed(class_name, TEXT_ENCODER_CLASSES, "CLIPTextModel", "text encoder", folder)
-    model = getattr(transformers, name).from_pretrained(folder, dtype=dtype, variant=variant, trust_remote_code=False)
+    model = getattr(transformers, name).from_pretrained(
+        folder, dtype=dtype, variant=_has_variant(folder, variant), trust_remote_code=False
+    )
     return model.eval().requires_grad_(False)
 
 
@@ -145,7 +147,9 @@ def load_image_encoder(folder: Path, class_name: str | None, dtype: torch.dtype 
     import transformers
 
     name = _allowed(class_name, IMAGE_ENCODER_CLASSES, IMAGE_ENCODER_CLASSES[0], "image encoder", folder)
-    model = getattr(transformers, name).from_pretrained(folder, dtype=dtype, variant=variant, trust_remote_code=False)
+    model = getattr(transformers, name).from_pretrained(
+        folder, dtype=dtype, variant=_has_variant(folder, variant), trust_remote_code=False
+    )
     return model.eval().requires_grad_(False)
 
 
@@ -154,6 +158,14 @@ def load_image_processor(folder: Path, class_name: str | None):
 
     name = _allowed(class_name, IMAGE_PROCESSOR_CLASSES, IMAGE_PROCESSOR_CLASSES[0], "feature extractor", folder)
     return getattr(transformers, name).from_pretrained(folder, trust_remote_code=False)
+
+
+def _has_variant(folder: Path, variant: str | None) -> str | None:
+    """`variant` where the folder has its files (`model.bf16.safetensors`, shards), else None: as
+    for our models, a component without that variant loads its plain files."""
+    if variant is None or any(folder.glob(f"*.{variant}.safetensors")) or any(folder.glob(f"*.{variant}-*")):
+        return variant
+    return None
 
 
 def load_tokenizer(folder: Path, class_name: str | None):
@@ -173,12 +185,18 @@ def _class_of(index: dict[str, Any], name: str) -> str | None:
     return entry[1] if isinstance(entry, list) and len(entry) == 2 else None
 
 
+def _has(folder: Path, name: str) -> bool:
+    return (folder / name).is_dir() or (folder / f"{name}_lite").is_dir()
+
+
 def _sub(folder: Path, name: str, lite: bool) -> str:
     """`prior`/`decoder`, or Stable Cascade's `prior_lite`/`decoder_lite` with `lite`."""
     if lite and (folder / f"{name}_lite").is_dir():
         return f"{name}_lite"
     if lite and (folder / name).is_dir():
         raise FileNotFoundError(f"{folder}: no {name}_lite/ folder (lite=True); this folder holds only {name}/")
+    if not lite and not (folder / name).is_dir():
+        raise FileNotFoundError(f"{folder}: no {name}/ folder, only {name}_lite/: pass lite=True (--lite)")
     return name
 
 
@@ -256,7 +274,7 @@ def load_pipeline(
     if (root / "prior_prior").is_dir():
         load_prior_part(root, "prior_", index)
         load_decoder_part(root, index)
-    elif (root / "decoder").is_dir():
+    elif _has(root, "decoder"):
         load_decoder_part(root, index)
         if prior is None and str(path_or_id) in OFFICIAL_PRIOR:
             prior = OFFICIAL_PRIOR[str(path_or_id)]
@@ -265,7 +283,7 @@ def load_pipeline(
             prior_index = (
                 read_json(prior_root / "model_index.json") if (prior_root / "model_index.json").exists() else {}
             )
-            if not (prior_root / "prior").is_dir():
+            if not _has(prior_root, "prior"):
                 raise FileNotFoundError(
                     f"{prior_root}: no prior/ folder; expected a prior folder like warp-ai/wuerstchen-prior"
                 )
@@ -273,7 +291,7 @@ def load_pipeline(
             take_settings(prior_index)
         else:
             logger.info("%s has no prior: decoder-only pipeline (pass prior=... to generate from text)", root)
-    elif (root / "prior").is_dir():
+    elif _has(root, "prior"):
         load_prior_part(root, "", index)
     elif (root / "vqgan").is_dir():
         # The parts of a model being trained from scratch, before it has a decoder (see save_pipeline).
@@ -321,7 +339,7 @@ def save_pipeline(pipe: WuerstchenPipeline, folder: str | Path) -> None:
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        index: dict[str, Any] = {"_class_name": "WuerstchenCombinedPipeline", "_diffusers_version": "0.42.1"}
+        index: dict[str, Any] = {"_class_name": pipe.prior_part.combined_class, "_diffusers_version": "0.42.1"}
         st = pipe.settings
         for name in ("latent_scale", "latent_shift", "resolution_multiple", "latent_dim_scale", "default_size"):
             index[INDEX_NAMES.get(name, name)] = getattr(st, name)
@@ -341,6 +359,13 @@ def save_pipeline(pipe: WuerstchenPipeline, folder: str | Path) -> None:
                 index[f"{prefix}tokenizer"] = ["transformers", type(tokenizer).__name__]
             write_json(_scheduler_config(st.s), tmp / f"{prefix}scheduler" / "scheduler_config.json")
             index[f"{prefix}scheduler"] = ["diffusers", "DDPMWuerstchenScheduler"]
+        for name, part in (
+            ("prior_image_encoder", pipe.image_encoder),
+            ("prior_feature_extractor", pipe.feature_extractor),
+        ):
+            if part is not None:  # Stable Cascade's image variations
+                part.save_pretrained(tmp / name)
+                index[name] = ["transformers", type(part).__name__]
         if pipe.semantic is not None:
             save_model(pipe.semantic, tmp / "semantic")  # ours; not a diffusers component
         write_json(index, tmp / "model_index.json")
