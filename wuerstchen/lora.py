@@ -27,6 +27,12 @@ the `LoraConfig` fields that matter (`prior.r`, `prior.lora_alpha`, `prior.targe
 caller metadata is stored beside them as plain strings. A folder path means the file
 `pytorch_lora_weights.safetensors` inside it (diffusers' name).
 
+**Other tools' files** (Stable Cascade's prior): ComfyUI's and kohya-style trainers' keys
+`lora_prior_unet_<module path, dots as _>.lora_down.weight` / `.lora_up.weight` / `.alpha`, over
+the official module names (`….attention.attn.to_q`, `….attention.attn.out_proj`; ComfyUI's
+`comfy/lora.py` maps them so), are read as the same A/B factors with their per-layer alpha.
+Layers that are not Linear (convolutions) or keys that name no layer are an error naming them.
+
 **Inference semantics.** Adapters are never merged into the base weights: each targeted Linear
 computes `W·x + scale·(alpha/r)·B·A·x` (alpha/√r with rsLoRA), so `unload_lora` gives back the very
 same base modules and tensors. An adapter at scale 0 is deactivated, not multiplied by zero, so
@@ -59,6 +65,7 @@ METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for the LoraConf
 PREFIX = "prior"  # the component name in the keys (diffusers' WuerstchenPriorPipeline.unet_name)
 TRAIN_ADAPTER = "default"  # the adapter `apply_lora` creates and `save_lora` writes (peft's default)
 _KEY = re.compile(r"(?P<path>.+)\.lora_(?P<factor>[AB])\.weight")
+_KOHYA = re.compile(r"lora_prior_unet_(?P<name>\w+)\.(?P<part>lora_down\.weight|lora_up\.weight|alpha)")
 # The LoraConfig fields written to (and read from) the header: those that change what the weights mean.
 _CONFIG_FIELDS = ("r", "lora_alpha", "target_modules", "lora_dropout", "use_rslora", "rank_pattern", "alpha_pattern")
 
@@ -249,6 +256,41 @@ def _check_fit(model: nn.Module, state: dict[str, Tensor], source: str) -> dict[
     return ranks
 
 
+def _official_path(path: str) -> str:
+    """Our (diffusers') module path → the official Stable Cascade one, which ComfyUI's keys follow."""
+    return path.replace(".attention.to_out.0", ".attention.attn.out_proj").replace(
+        ".attention.to_", ".attention.attn.to_"
+    )
+
+
+def from_kohya(model: nn.Module, state: dict[str, Tensor], source: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A `lora_prior_unet_*` file (ComfyUI, kohya-style) → our keys and the header fields its alphas
+    make (`lora_alpha`, `alpha_pattern`); a key that names no Linear layer of `model` is an error."""
+    names = {}
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Linear):
+            names[_official_path(path).replace(".", "_")] = path
+            names.setdefault(path.replace(".", "_"), path)
+    out, alphas, unknown = {}, {}, []
+    for key, tensor in state.items():
+        match = _KOHYA.fullmatch(key)
+        path = names.get(match["name"]) if match else None
+        if path is None:
+            unknown.append(key)
+        elif match["part"] == "alpha":
+            alphas[path] = float(tensor)
+        else:
+            out[f"{PREFIX}.{path}.lora_{'A' if match['part'].startswith('lora_down') else 'B'}.weight"] = tensor
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:8]) + (f" … ({len(unknown)})" if len(unknown) > 8 else "")
+        raise UserError(f"{source}: LoRA keys that name no Linear layer of this prior: {shown}")
+    suffix = ".lora_A.weight"
+    ranks = {k[len(PREFIX) + 1 : -len(suffix)]: t.shape[0] for k, t in out.items() if k.endswith(suffix)}
+    alphas = {p: alphas.get(p, float(r)) for p, r in ranks.items()}  # no alpha: alpha = rank (scale 1)
+    common = Counter(alphas.values()).most_common(1)[0][0] if alphas else 1.0
+    return out, {"lora_alpha": common, "alpha_pattern": {re.escape(p): a for p, a in alphas.items() if a != common}}
+
+
 def _config_for(ranks: dict[str, int], header: dict[str, Any], source: str) -> Any:
     """The LoraConfig that rebuilds exactly the file's layers: targets and ranks come from the
     tensors (so a header cannot disagree with them), alpha from the header, else alpha = rank."""
@@ -291,9 +333,11 @@ def load_lora_weights(
             "or pass another adapter_name"
         )
     path = _lora_file(path)
-    state = load_tensors(path)
+    state, header = load_tensors(path), _header(path)
+    if any(k.startswith("lora_prior_unet_") for k in state):
+        state, header = from_kohya(prior, state, str(path))
     ranks = _check_fit(prior, state, str(path))
-    config = _config_for(ranks, _header(path), str(path))
+    config = _config_for(ranks, header, str(path))
     peft = _peft()
     with warnings.catch_warnings():
         # peft warns whenever a second adapter joins a model; several named adapters are intended here.
