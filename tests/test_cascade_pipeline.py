@@ -251,3 +251,41 @@ def test_comfyui_lora_loads_and_scale_0_is_the_base_image(cascade_reference, tmp
     save_tensors(bad, tmp_path / "bad.safetensors")
     with pytest.raises(ValueError, match="no_such_layer"):
         WuerstchenPipeline.from_pretrained(folder).load_lora_weights(tmp_path / "bad.safetensors")
+
+
+def test_convert_official_single_files(cascade_reference, ours, tmp_path):
+    """The official files, written here under the official key names (test_cascade_files' inverse),
+    convert to a folder that generates what the diffusers-format folder does; the VQGAN takes Stable
+    Cascade's official latent scale, 0.43."""
+    from test_cascade_files import to_official
+
+    from wuerstchen.io.cascade_files import convert_cascade_files
+    from wuerstchen.io.checkpoint import save_tensors
+    from wuerstchen.models.previewer import PREVIEWER_PRESETS, Previewer
+    from wuerstchen.testing import randomize
+
+    _, root = cascade_reference
+    save_tensors(to_official(ours.prior.state_dict(), "c"), tmp_path / "stage_c.safetensors")
+    save_tensors(to_official(ours.decoder.state_dict(), "b"), tmp_path / "stage_b.safetensors")
+    vq = {("vquantizer.codebook.weight" if k == "vquantizer.embedding.weight" else k): v
+          for k, v in ours.vqgan.state_dict().items()}  # fmt: skip
+    save_tensors(vq, tmp_path / "stage_a.safetensors")
+    previewer = randomize(Previewer(PREVIEWER_PRESETS["tiny"]), seed=3)
+    save_tensors(previewer.state_dict(), tmp_path / "previewer.safetensors")
+    heads = {"num_attention_heads": list(ours.prior.config.num_attention_heads)}  # not in the weights
+    out = convert_cascade_files(
+        tmp_path / "converted", tmp_path / "stage_c.safetensors", tmp_path / "stage_b.safetensors",
+        tmp_path / "stage_a.safetensors", root / "combined" / "prior_text_encoder",
+        tokenizer=root / "combined" / "prior_tokenizer", image_encoder=root / "prior-repo" / "image_encoder",
+        previewer=tmp_path / "previewer.safetensors", stage_c_options=heads,
+        stage_b_options={"num_attention_heads": list(ours.decoder.config.num_attention_heads)},
+    )  # fmt: skip
+    pipe = WuerstchenPipeline.from_pretrained(out)
+    assert pipe.vqgan.config.scale_factor == 0.43 and pipe.previewer is not None
+    args = {**BASE, "prompt": "a red circle", "images": [picture()], "seed": 5, "output_type": "latent"}
+    assert torch.equal(pipe(**args).images, ours(**args).images)
+    latents = torch.randn(1, 16, 3, 3)
+    assert torch.equal(pipe.previewer.preview(latents), previewer.preview(latents))
+    from wuerstchen.server.preview import latents_to_rgb
+
+    assert torch.equal(latents_to_rgb(pipe, latents), previewer.preview(latents))  # the UI's Stage C preview

@@ -200,13 +200,14 @@ class WuerstchenPipeline:
         self, prior: StageC | CascadeUNet | None, prior_text_encoder: nn.Module | None, prior_tokenizer: Any,
         decoder: StageB | CascadeUNet | None, text_encoder: nn.Module | None, tokenizer: Any, vqgan: StageA | None,
         settings: PipelineSettings | None = None, semantic: nn.Module | None = None,
-        image_encoder: nn.Module | None = None, feature_extractor: Any = None,
+        image_encoder: nn.Module | None = None, feature_extractor: Any = None, previewer: nn.Module | None = None,
     ) -> None:
         # fmt: on
         self.prior, self.prior_text_encoder, self.prior_tokenizer = prior, prior_text_encoder, prior_tokenizer
         self.decoder, self.text_encoder, self.tokenizer = decoder, text_encoder, tokenizer
         self.vqgan, self.semantic = vqgan, semantic
         self.image_encoder, self.feature_extractor = image_encoder, feature_extractor  # Stable Cascade's prior
+        self.previewer = previewer  # Stable Cascade's official Stage C latent → RGB net (UI previews)
         self.prior_part, self.decoder_part = parts_for(prior, decoder)
         self.settings = settings or PipelineSettings()
         self.placement = Placement()
@@ -246,7 +247,8 @@ class WuerstchenPipeline:
 
     # ----------------------------------------------------------------------------- devices
     def modules(self) -> dict[str, nn.Module]:
-        names = ("prior", "prior_text_encoder", "image_encoder", "decoder", "text_encoder", "vqgan", "semantic")
+        names = ("prior", "prior_text_encoder", "image_encoder", "decoder", "text_encoder", "vqgan", "semantic",
+                 "previewer")  # fmt: skip
         return {n: m for n in names if (m := getattr(self, n)) is not None}
 
     @property

@@ -613,3 +613,88 @@ def _cast(state: Mapping[str, torch.Tensor], dtype: torch.dtype | None) -> dict[
     if dtype is None:
         return dict(state)
     return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+
+
+# --- a whole pipeline ------------------------------------------------------------------------------
+
+
+def _part(path: str | Path, kind: str, dtype: torch.dtype | None, options: dict[str, Any]) -> OfficialFile:
+    """The `kind` part of an official file or of a ComfyUI bundle; `options` for a U-Net say what
+    its weights cannot (`num_attention_heads`, `patch_size`)."""
+    raw = load_tensors(path)
+    if kind in ("stage_b", "stage_c") and options:
+        if any(k.startswith(COMFY_UNET) for k in raw):
+            raw = {k[len(COMFY_UNET) :]: v for k, v in raw.items() if k.startswith(COMFY_UNET)}
+        config, state, variant = _convert_unet(raw, kind[-1], None, str(path), **options)
+        found = OfficialFile(kind, variant, config, state, source=str(path))
+    else:
+        found = detect_official_file(raw, str(path))
+    if found.kind == "comfyui":
+        found = next((p for p in found.parts.values() if p.kind == kind), found)
+    if found.kind != kind:
+        raise UserError(f"{path} holds {found.describe()}, not {kind.replace('_', ' ')}: check which file goes where")
+    return _cast_file(found, dtype) if dtype is not None else found
+
+
+def convert_cascade_files(
+    output: str | Path,
+    stage_c: str | Path,
+    stage_b: str | Path,
+    stage_a: str | Path,
+    text_encoder: str | Path,
+    tokenizer: str | Path | None = None,
+    image_encoder: str | Path | None = None,
+    previewer: str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    stage_c_options: dict[str, Any] | None = None,
+    stage_b_options: dict[str, Any] | None = None,
+) -> Path:
+    """Stable Cascade's official single files (or ComfyUI bundles) → one combined pipeline folder.
+
+    The files hold no text encoder: `text_encoder` is a CLIP ViT-bigG/14 `CLIPTextModelWithProjection`
+    folder (the hub's stabilityai/stable-cascade `text_encoder/`), read by both stages; `tokenizer`
+    defaults to that folder, or to a `tokenizer/` beside it. `image_encoder`: a
+    `CLIPVisionModelWithProjection` folder (the prior repo's `image_encoder/`), for image variations;
+    its image processor is read from the folder, or a `feature_extractor/` beside it, else CLIP's
+    defaults. `previewer`: `previewer.safetensors`, for the UI's Stage C previews.
+
+        convert_cascade_files("models/stable-cascade-lite", "stage_c_lite_bf16.safetensors",
+                              "stage_b_lite_bf16.safetensors", "stage_a.safetensors",
+                              "models/stable-cascade/text_encoder")
+    """
+    from ..parts import PipelineSettings
+    from ..pipeline import WuerstchenPipeline
+    from .folders import load_image_encoder, load_image_processor, load_text_encoder, load_tokenizer, resolve_folder
+
+    prior = _part(stage_c, "stage_c", dtype, stage_c_options or {}).model()
+    decoder = _part(stage_b, "stage_b", dtype, stage_b_options or {}).model()
+    vqgan = _part(stage_a, "stage_a", dtype, {}).model()
+    text_dir = resolve_folder(text_encoder)
+    encoder = load_text_encoder(text_dir, "CLIPTextModelWithProjection", dtype)
+    tok_dir = Path(tokenizer) if tokenizer is not None else text_dir
+    if (
+        tokenizer is None
+        and not (tok_dir / "tokenizer_config.json").exists()
+        and (text_dir.parent / "tokenizer").is_dir()
+    ):
+        tok_dir = text_dir.parent / "tokenizer"
+    image, processor = None, None
+    if image_encoder is not None:
+        image_dir = resolve_folder(image_encoder)
+        image = load_image_encoder(image_dir, None, dtype)
+        beside = image_dir.parent / "feature_extractor"
+        processor_dir = image_dir if (image_dir / "preprocessor_config.json").exists() else beside
+        if (processor_dir / "preprocessor_config.json").exists():
+            processor = load_image_processor(processor_dir, None)
+        else:
+            import transformers
+
+            processor = transformers.CLIPImageProcessor()  # CLIP's 224-px defaults, the hub's settings
+    pipe = WuerstchenPipeline(
+        prior=prior, prior_text_encoder=encoder, prior_tokenizer=load_tokenizer(tok_dir, None),
+        decoder=decoder, text_encoder=encoder, tokenizer=load_tokenizer(tok_dir, None), vqgan=vqgan,
+        settings=PipelineSettings(default_size=1024), image_encoder=image, feature_extractor=processor,
+        previewer=None if previewer is None else _part(previewer, "previewer", dtype, {}).model(),
+    )  # fmt: skip
+    pipe.save_pretrained(output)
+    return Path(output)

@@ -305,6 +305,10 @@ def load_pipeline(
         raise FileNotFoundError(
             f"{root}: not a Würstchen pipeline folder (expected prior_prior/ and decoder/, or decoder/, or prior/)"
         )
+    if (root / "previewer").is_dir():  # ours: Stable Cascade's official previewer, as `convert` writes it
+        from ..models.previewer import Previewer
+
+        parts["previewer"] = load_model(Previewer, root / "previewer", dtype)
     if (root / "semantic").is_dir():
         from ..models.semantic import SemanticCompressor
 
@@ -321,6 +325,7 @@ def load_pipeline(
         semantic=parts.get("semantic"),
         image_encoder=parts.get("image_encoder"),
         feature_extractor=parts.get("feature_extractor"),
+        previewer=parts.get("previewer"),
         settings=PipelineSettings(**{k: v for k, v in settings.items() if k in known}),
     )
     if device is not None:
@@ -366,8 +371,9 @@ def save_pipeline(pipe: WuerstchenPipeline, folder: str | Path) -> None:
             if part is not None:  # Stable Cascade's image variations
                 part.save_pretrained(tmp / name)
                 index[name] = ["transformers", type(part).__name__]
-        if pipe.semantic is not None:
-            save_model(pipe.semantic, tmp / "semantic")  # ours; not a diffusers component
+        for name in ("semantic", "previewer"):  # ours; not diffusers components
+            if getattr(pipe, name) is not None:
+                save_model(getattr(pipe, name), tmp / name)
         write_json(index, tmp / "model_index.json")
         os.chmod(tmp, 0o755)
         old = None

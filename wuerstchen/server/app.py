@@ -393,7 +393,9 @@ class JobQueue:
                 self._lock.wait()
 
     def _work(self) -> None:
-        if self.preview:  # fit the preview map before any job, so no pipeline call ever nests in another
+        # Fit the preview map before any job, so no pipeline call ever nests in another (a model with
+        # its own previewer needs none).
+        if self.preview and getattr(self.pipe, "previewer", None) is None:
             try:
                 preview_map(self.pipe)
             except Exception:

@@ -174,7 +174,11 @@ def preview_map(pipe: WuerstchenPipeline) -> nn.Module:
 @torch.no_grad()
 def latents_to_rgb(pipe: WuerstchenPipeline, latents: Tensor) -> Tensor:
     """Stage C samples in prior space (n, 16, h, w) → approximate colours in [0, 1], (n, 3, h, w)
-    for the linear map, (n, 3, 4h, 4w) for the compressor-trained one."""
+    for the linear map, (n, 3, 4h, 4w) for the compressor-trained one, (n, 3, 8h, 8w) through the
+    model's own previewer (Stable Cascade's official one) where it has one."""
+    if getattr(pipe, "previewer", None) is not None:
+        with pipe._placed("previewer"):
+            return pipe.previewer.preview(latents.detach().to(pipe.device)).cpu()
     return preview_map(pipe)(_semantic(pipe, latents.detach().cpu())).clamp(0, 1)
 
 
