@@ -289,3 +289,19 @@ def test_convert_official_single_files(cascade_reference, ours, tmp_path):
     from wuerstchen.server.preview import latents_to_rgb
 
     assert torch.equal(latents_to_rgb(pipe, latents), previewer.preview(latents))  # the UI's Stage C preview
+
+
+def test_sizes_where_diffusers_fails(ours, cascade_reference):
+    """176 px: Stage C side ⌈176 / 42.67⌉ = 5, so diffusers' Stage B side is int(5 · 10.67) = 53, odd,
+    and its patch-2 decoder fails; ours sizes Stage B from the image (176 / 4 = 44), as the official
+    sampler does, at any multiple of 8 px. A list of prompts there matches single runs too."""
+    ref, _ = cascade_reference
+    args = dict(height=136, width=176, prior_num_inference_steps=4, num_inference_steps=3)
+    with pytest.raises(RuntimeError, match="pixel_unshuffle"):
+        ref("a red circle", **args, generator=gen(), output_type="pt")
+    assert ours.size_step == 8
+    batch = ours(["a red circle", "a blue square"], **args, seed=3, output_type="pt").images
+    assert batch.shape == (2, 3, 136, 176)
+    for i, prompt in enumerate(["a red circle", "a blue square"]):
+        alone = ours(prompt, **args, seed=3 + i, output_type="pt").images
+        assert max_abs(alone[0], batch[i]) <= IMAGE_TOL  # batch vs single: rounding, as above

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UserError
+from .models.stage_a import StageA
 from .models.stage_b import StageB
 from .models.stage_c import StageC
 from .models.text import encode_prompts, encode_prompts_pooled
@@ -120,7 +121,23 @@ class DecoderV2:
         """v2's decoder has a text encoder of its own (CLIP ViT-H for the official weights)."""
         return None
 
-    def latent_shape(self, model: StageB, semantic: Tensor, st: PipelineSettings) -> tuple[int, ...]:
+    def size_step(self, st: PipelineSettings, decoder: StageB | None, vqgan: StageA | None) -> int:
+        """The smallest image side whose Stage C side k, Stage B side (k · latent_dim_scale, divisible
+        by the decoder's stride: its U-Net adds skips of exactly half/double sizes) and pixels (Stage B
+        side × the VQGAN's downscale) are all whole: 128 px for the official weights."""
+        stride = decoder.config.stride if decoder is not None else 1
+        down = vqgan.config.downscale if vqgan is not None else 4
+        for k in range(1, 257):
+            px = round(k * st.resolution_multiple)
+            b_side = int(k * st.latent_dim_scale)
+            if math.ceil(px / st.resolution_multiple) == k and b_side % stride == 0 and b_side * down == px:
+                return px
+        raise UserError("these pipeline settings admit no image size whose latents fit every stage")
+
+    def latent_shape(self, model: StageB, semantic: Tensor, st: PipelineSettings, image_size: Any = None,
+                     vqgan: Any = None) -> tuple[int, ...]:  # fmt: skip
+        """k · latent_dim_scale of the semantic side (diffusers'); at the sizes `size_step` admits,
+        that is the image side / the VQGAN's downscale."""
         h, w = (int(side * st.latent_dim_scale) for side in semantic.shape[2:])
         return (semantic.shape[0], model.config.c_in, h, w)
 
@@ -199,8 +216,25 @@ class DecoderV3:
             return None
         return text[1:], (negative[1:] if negative is not None else None)
 
-    def latent_shape(self, model: CascadeUNet, semantic: Tensor, st: PipelineSettings) -> tuple[int, ...]:
-        h, w = (int(side * st.latent_dim_scale) for side in semantic.shape[2:])
+    def size_step(self, st: PipelineSettings, decoder: CascadeUNet | None, vqgan: StageA | None) -> int:
+        """8 px: any image side whose Stage B latent (side / the VQGAN's downscale) divides into
+        the decoder's patches. The U-Net resizes an odd level to its skip's size, and the semantic
+        latent is resized to the first level, so no other side is needed (the official code and
+        ComfyUI take sizes in steps of 8 too)."""
+        down = vqgan.config.downscale if vqgan is not None else 4
+        return down * (decoder.config.patch_size if decoder is not None else 1)
+
+    def latent_shape(self, model: CascadeUNet, semantic: Tensor, st: PipelineSettings,
+                     image_size: tuple[int, int] | None = None,
+                     vqgan: StageA | None = None) -> tuple[int, ...]:  # fmt: skip
+        """The image side / the VQGAN's downscale when the image size is known (a text-to-image call:
+        the official sampler's Stage B size), else k · latent_dim_scale of the semantic side
+        (diffusers' decoder). Both agree at every multiple of 128 px, where diffusers works."""
+        if image_size is not None:
+            down = vqgan.config.downscale if vqgan is not None else 4
+            h, w = image_size[0] // down, image_size[1] // down
+        else:
+            h, w = (int(side * st.latent_dim_scale) for side in semantic.shape[2:])
         return (semantic.shape[0], model.config.in_channels, h, w)
 
     def denoiser(self, model: CascadeUNet, run: nn.Module, semantic: Tensor, text: Text, guidance_scale: float,

@@ -17,7 +17,6 @@ image as the reference. Example::
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,6 +58,7 @@ class PriorOutput:
     # Cascade's decoder reads the prior's pooled embeddings (as diffusers' combined pipeline).
     text: Text | None = field(default=None, repr=False)
     negative_text: Text | None = field(default=None, repr=False)
+    image_size: tuple[int, int] | None = None  # (H, W) the latents were sampled for
 
 
 def _as_list(value: str | Sequence[str] | None, name: str) -> list[str] | None:
@@ -105,19 +105,6 @@ def _noise(
     if tuple(latents.shape) != shape:
         raise UserError(f"{what} has shape {tuple(latents.shape)}, expected {shape}")
     return latents.to(device, torch.float32)
-
-
-def size_step(st: PipelineSettings, decoder: StageB | None, vqgan: StageA | None) -> int:
-    """The smallest image side whose Stage C side k, Stage B side (k · latent_dim_scale, divisible by
-    the decoder's stride) and pixels (Stage B side × the VQGAN's downscale) are all whole."""
-    stride = decoder.config.stride if decoder is not None else 1
-    down = vqgan.config.downscale if vqgan is not None else 4
-    for k in range(1, 257):
-        px = round(k * st.resolution_multiple)
-        b_side = int(k * st.latent_dim_scale)
-        if math.ceil(px / st.resolution_multiple) == k and b_side % stride == 0 and b_side * down == px:
-            return px
-    raise UserError("these pipeline settings admit no image size whose latents fit every stage")
 
 
 def _snap(name: str, value: int | None, step: int, default: int) -> int:
@@ -297,7 +284,7 @@ class WuerstchenPipeline:
     def size_step(self) -> int:
         """The image-side step (px) at which every stage's latent sizes are whole numbers: 128 for the
         official weights."""
-        return size_step(self.settings, self.decoder, self.vqgan)
+        return self.decoder_part.size_step(self.settings, self.decoder, self.vqgan)
 
     def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:
         """Snap a size down to the model's step with a warning; refuse one below a single step."""
@@ -407,7 +394,7 @@ class WuerstchenPipeline:
         denoiser = lambda run: self.prior_part.denoiser(self.prior, run, text, guidance_scale, image)  # noqa: E731
         x = self._sample("prior", denoiser, x, times, sampler, generator, callback_on_step_end, step_hook)
         halves = [tuple(t.chunk(2)[i] for t in text) for i in (0, 1)] if cfg else [text, None]
-        return PriorOutput(self.prior_part.to_decoder(x, self.settings), generator, *halves)
+        return PriorOutput(self.prior_part.to_decoder(x, self.settings), generator, *halves, (height, width))
 
     @torch.no_grad()
     # fmt: off
@@ -418,10 +405,11 @@ class WuerstchenPipeline:
         negative_prompt_embeds: Tensor | None = None, num_images_per_prompt: int = 1, generator: Generator = None,
         seed: int | None = None, latents: Tensor | None = None, output_type: str = "pil",
         callback_on_step_end: Callable | None = None, step_hook: StepHook | None = None, sampler: str = "ddpm",
-        prompt_weighting: bool = True, warn: bool = True,
+        prompt_weighting: bool = True, warn: bool = True, image_size: tuple[int, int] | None = None,
     ) -> WuerstchenPipelineOutput:
         # fmt: on
-        """Stage B + Stage A alone: semantic latents (B, 16, h, w) → images.
+        """Stage B + Stage A alone: semantic latents (B, 16, h, w) → images (of `image_size`, (H, W),
+        where the generation's decoder takes any size: Stable Cascade; else the semantic side × 42.67).
 
         Each semantic latent is decoded `num_images_per_prompt` times; `prompt` is one string or
         one per semantic latent; `prompt_embeds` are text states per semantic latent.
@@ -445,7 +433,7 @@ class WuerstchenPipeline:
                                   as_text(negative_prompt_embeds), prompt_weighting, warn)  # fmt: skip
         semantic = image_embeddings.to(self.device).repeat_interleave(num_images_per_prompt, dim=0)
         generator = _generators(generator, seed, semantic.shape[0])
-        shape = self.decoder_part.latent_shape(self.decoder, semantic, self.settings)
+        shape = self.decoder_part.latent_shape(self.decoder, semantic, self.settings, image_size, self.vqgan)
         x = _noise(latents, shape, generator, self.device, "decoder `latents`")
 
         def denoiser(run: Callable) -> Denoiser:
@@ -511,7 +499,7 @@ class WuerstchenPipeline:
             prior.image_embeddings, num_inference_steps=num_inference_steps, timesteps=decoder_timesteps,
             guidance_scale=decoder_guidance_scale, prompt_embeds=text, negative_prompt_embeds=neg,
             generator=prior.generator, output_type=output_type, callback_on_step_end=callback_on_step_end,
-            step_hook=step_hook, sampler=sampler, prompt_weighting=prompt_weighting,
+            step_hook=step_hook, sampler=sampler, prompt_weighting=prompt_weighting, image_size=prior.image_size,
         )  # fmt: skip
         return out if return_dict else (out.images,)
 
