@@ -305,3 +305,22 @@ def test_sizes_where_diffusers_fails(ours, cascade_reference):
     for i, prompt in enumerate(["a red circle", "a blue square"]):
         alone = ours(prompt, **args, seed=3 + i, output_type="pt").images
         assert max_abs(alone[0], batch[i]) <= IMAGE_TOL  # batch vs single: rounding, as above
+
+
+def test_the_cli_generates_with_a_stable_cascade_folder(cascade_reference, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    folder = cascade_reference[1] / "combined"
+    cmd = [sys.executable, "-m", "wuerstchen", "generate", "a red circle", "--model", str(folder), "--height", "136",
+           "--width", "176", "--prior-steps", "3", "--prior-shift", "2", "--decoder-steps", "2", "--seed", "4",
+           "--dtype", "float32", "--output-dir", str(tmp_path)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    with Image.open(tmp_path / "00000-4.png") as im:
+        assert im.size == (176, 136)
+        saved = json.loads(im.text["wuerstchen"])
+    from wuerstchen import shifted_timesteps
+
+    assert saved["prior_timesteps"] == shifted_timesteps(3, 2.0) and saved["decoder_steps"] == 2

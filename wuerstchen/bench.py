@@ -3,6 +3,7 @@ weights, prompt and generator, alternating in one run.
 
     wuerstchen bench                       # medium config, 512×512, CPU
     wuerstchen bench --size 1024 --repeats 1 --official   # also the official-size config, bf16
+    wuerstchen bench --cascade             # Stable Cascade: medium config against diffusers' pipelines
 
 The "medium" config is about a third of the official widths (prior c 512, depth 8, 8 heads;
 decoder c_hidden 96/192/384/384, blocks 2/2/6/2; VQGAN 192 hidden, 6 bottleneck blocks) with random
@@ -52,11 +53,13 @@ class BenchOptions:
     shipped: bool = False  # the shipped small model: s/image, bf16 vs fp32 PSNR
     model: str | None = None  # with `shipped`: another model folder
     images: int = 24  # with `shipped`: prompts for the bf16 vs fp32 PSNR
+    cascade: bool = False  # Stable Cascade (v3) medium config against diffusers' Stable Cascade pipelines
     child: str | None = None  # internal: measure one implementation in this fresh process
     folder: str | None = None  # internal: the child's model folder
 
 
 PROMPT = "a red circle above a blue square"
+CASCADE_PRIOR_STEPS = 20  # diffusers' Stable Cascade prior default
 STAGES = ("prior", "decoder", "vqgan")
 # (M, K, N) of the medium config's largest matrix products: prior MLP in/out at 512² with CFG,
 # decoder level 1 MLP (4096 tokens, 384 → 1536).
@@ -121,6 +124,48 @@ def load_reference(folder: Path, dtype: torch.dtype = torch.float32):
     )
     ref.set_progress_bar_config(disable=True)
     return ref
+
+
+def load_cascade_reference(folder: Path, dtype: torch.dtype = torch.float32):
+    """diffusers' Stable Cascade combined pipeline from the component folders we wrote."""
+    from diffusers import DDPMWuerstchenScheduler, StableCascadeCombinedPipeline, StableCascadeUNet
+    from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer
+
+    text = CLIPTextModelWithProjection.from_pretrained(folder / "prior_text_encoder", dtype=dtype)
+    ref = StableCascadeCombinedPipeline(
+        prior_prior=StableCascadeUNet.from_pretrained(folder / "prior_prior", torch_dtype=dtype),
+        prior_text_encoder=text,
+        prior_tokenizer=CLIPTokenizer.from_pretrained(folder / "prior_tokenizer"),
+        prior_scheduler=DDPMWuerstchenScheduler.from_pretrained(folder / "prior_scheduler"),
+        decoder=StableCascadeUNet.from_pretrained(folder / "decoder", torch_dtype=dtype),
+        text_encoder=text,  # one CLIP-G for both stages, as ours shares it
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        scheduler=DDPMWuerstchenScheduler.from_pretrained(folder / "scheduler"),
+        vqgan=PaellaVQModel.from_pretrained(folder / "vqgan", torch_dtype=dtype),
+    )
+    ref.set_progress_bar_config(disable=True)
+    return ref
+
+
+def cascade_runners(impl: str, pipe: Any, size: int, prior_steps: int, decoder_steps: int) -> list[Callable]:
+    """`stage_runners` for Stable Cascade: diffusers' prior and decoder pipelines (its decoder reads
+    the pooled prompt through its text encoder; ours too when called alone)."""
+    if impl == "diffusers":
+        return [
+            lambda _, g: pipe.prior_pipe(PROMPT, height=size, width=size, num_inference_steps=prior_steps,
+                                         guidance_scale=4.0, generator=g, output_type="pt").image_embeddings,
+            lambda emb, g: pipe.decoder_pipe(emb, PROMPT, num_inference_steps=decoder_steps, generator=g,
+                                             output_type="latent").images,
+            lambda lat, g: pipe.vqgan.decode(lat * pipe.vqgan.config.scale_factor).sample.clamp(0, 1),
+        ]  # fmt: skip
+    return [
+        lambda _, g: pipe.generate_prior(PROMPT, height=size, width=size, num_inference_steps=prior_steps,
+                                         guidance_scale=4.0, generator=g).image_embeddings,
+        lambda emb, g: pipe.decode(emb, PROMPT, num_inference_steps=decoder_steps, generator=g,
+                                   output_type="latent").images,
+        lambda lat, g: pipe.decode_latents(lat),
+    ]  # fmt: skip
 
 
 def stage_runners(impl: str, pipe: Any, size: int, prior_times: list[float], decoder_steps: int) -> list[Callable]:
@@ -312,14 +357,17 @@ def child_main(args: BenchOptions) -> None:
     base = _current_rss_kib()
     dtype = torch.bfloat16 if args.child.endswith("bf16") else torch.float32
     t0 = time.perf_counter()
-    if args.child.startswith("diffusers"):
-        pipe = load_reference(Path(args.folder), dtype)
+    impl = "diffusers" if args.child.startswith("diffusers") else "ours"
+    if impl == "diffusers":
+        pipe = (load_cascade_reference if args.cascade else load_reference)(Path(args.folder), dtype)
     else:
         pipe = WuerstchenPipeline.from_pretrained(args.folder, torch_dtype=dtype)
     load = time.perf_counter() - t0
     after_load = _current_rss_kib()
-    impl = "diffusers" if args.child.startswith("diffusers") else "ours"
-    run_once(stage_runners(impl, pipe, args.size, DEFAULT_STAGE_C_TIMESTEPS, args.decoder_steps))
+    if args.cascade:
+        run_once(cascade_runners(impl, pipe, args.size, CASCADE_PRIOR_STEPS, args.decoder_steps))
+    else:
+        run_once(stage_runners(impl, pipe, args.size, DEFAULT_STAGE_C_TIMESTEPS, args.decoder_steps))
     peak = _peak_rss_kib()
     print(json.dumps({"load_s": load, "load_mib": (after_load - base) / 1024, "peak_mib": (peak - base) / 1024}))
 
@@ -327,6 +375,7 @@ def child_main(args: BenchOptions) -> None:
 def measure_in_child(which: str, folder: Path, args: BenchOptions) -> dict[str, float]:
     cmd = [sys.executable, "-m", "wuerstchen", "bench", "--child", which, "--folder", str(folder), "--size",
            str(args.size), "--decoder-steps", str(args.decoder_steps), "--threads", str(args.threads)]  # fmt: skip
+    cmd += ["--cascade"] if args.cascade else []
     out = subprocess.run(
         cmd, capture_output=True, text=True, check=True, env={**os.environ, "PYTHONWARNINGS": "ignore"}
     )
@@ -486,6 +535,8 @@ def main(args: BenchOptions) -> int:
             "wuerstchen bench compares with diffusers' pipeline, which is not installed: pip install "
             "'diffusers==0.42.1' (it comes with the test extra), or use --shipped / --official, which need none"
         )
+    if args.cascade:
+        return cascade_main(args)
     size, decoder_steps, times = args.size, args.decoder_steps, DEFAULT_STAGE_C_TIMESTEPS
     print(f"# Würstchen inference benchmark: {args.preset} config, {size}×{size}, prior {len(times) - 1} steps "
           f"(DEFAULT_STAGE_C_TIMESTEPS) CFG 4, decoder {decoder_steps} steps, {args.threads} threads, "
@@ -579,4 +630,57 @@ def main(args: BenchOptions) -> int:
         print(f"\nFLOPs per 1024² image (torch's FLOP counter, official configs): Würstchen v2 {w / 1e12:.0f} TFLOP "
               f"(prior 29 steps CFG + decoder 12 + VQGAN), SDXL UNet 50 steps CFG {sdxl / 1e12:.0f} TFLOP: "
               f"{sdxl / w:.1f}× more")  # fmt: skip
+    return 0
+
+
+def cascade_main(args: BenchOptions) -> int:
+    """Stable Cascade's medium config (random weights) against diffusers' Stable Cascade pipelines:
+    seconds per stage (best of the alternating repeats), the outputs' differences, load time and
+    peak memory in fresh processes."""
+    from .testing import random_cascade_pipeline
+
+    size, steps, decoder_steps = args.size, CASCADE_PRIOR_STEPS, args.decoder_steps
+    print(f"# Stable Cascade inference benchmark: {args.preset}-c + {args.preset}-b, {size}×{size}, "
+          f"prior {steps} steps CFG 4, decoder {decoder_steps} steps, {args.threads} threads, "
+          f"torch {torch.__version__}, device cpu")  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model"
+        random_cascade_pipeline(args.preset, seed=0).save_pretrained(folder)
+        impls = {
+            "diffusers fp32": load_cascade_reference(folder),
+            "ours fp32": WuerstchenPipeline.from_pretrained(folder),
+            "ours bf16": WuerstchenPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16),
+        }
+        runners = {
+            n: cascade_runners("diffusers" if n.startswith("diffusers") else "ours", p, size, steps, decoder_steps)
+            for n, p in impls.items()
+        }
+        results: dict[str, list[list[float]]] = {name: [] for name in impls}
+        outputs: dict[str, list[torch.Tensor]] = {}
+        for _ in range(args.warmup):
+            for name in impls:
+                run_once(runners[name])
+        for _ in range(args.repeats):  # alternating
+            for name in impls:
+                seconds, outputs[name] = run_once(runners[name])
+                results[name].append(seconds)
+        memory = {name: measure_in_child(name.replace(" ", "-"), folder, args) for name in impls}
+    best = {name: [min(r[i] for r in rs) for i in range(3)] for name, rs in results.items()}
+    ref = best["diffusers fp32"]
+    print(f"\n{'implementation':16} " + " ".join(f"{st:>9}" for st in (*STAGES, "total")) + "   speed-up")
+    for name, b in best.items():
+        cells = " ".join(f"{x:8.3f}s" for x in (*b, sum(b)))
+        per_stage = ", ".join(f"{r / x:.2f}×" for r, x in zip(ref, b, strict=True))
+        print(f"{name:16} {cells}   {sum(ref) / sum(b):.2f}× ({per_stage})")
+    want = outputs["diffusers fp32"]
+    for name in ("ours fp32", "ours bf16"):
+        got = outputs[name]
+        rel = [float((g - w).abs().max() / w.std()) for g, w in zip(got[:2], want[:2], strict=True)]
+        print(f"{name} vs diffusers fp32: prior latents {rel[0]:.2e}, decoder latents {rel[1]:.2e} (max |Δ| / std), "
+              f"image max |Δ| {(got[2] - want[2]).abs().max():.2e}")  # fmt: skip
+    print("\nfresh process each (load, then one generation): load s, weights MiB, peak RSS MiB above the baseline")
+    for name, m in memory.items():
+        ratio = m["peak_mib"] / memory["diffusers fp32"]["peak_mib"]
+        print(f"  {name:16} load {m['load_s']:6.2f} s   weights {m['load_mib']:7.0f} MiB   "
+              f"peak {m['peak_mib']:7.0f} MiB   ({ratio:.2f}× diffusers' peak)")  # fmt: skip
     return 0

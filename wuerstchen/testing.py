@@ -86,3 +86,23 @@ def random_pipeline(preset: str = "tiny", seed: int = 0, text_width: int | None 
         vqgan=randomize(StageA(a), seed + 5),
         settings=PipelineSettings(default_size=128),
     )
+
+
+def random_cascade_pipeline(preset: str = "tiny", seed: int = 0) -> WuerstchenPipeline:
+    """A Stable Cascade pipeline of the named U-Net presets (`tiny`: tiny-c/tiny-b, `medium`:
+    medium-c/medium-b) with random weights: CLIP text towers with projection of the prior's widths
+    (2 layers), the VQGAN of the same preset name, no image encoder."""
+    from .models.cascade import CASCADE_PRESETS, CascadeUNet
+
+    c, b = CASCADE_PRESETS[f"{preset}-c"], CASCADE_PRESETS[f"{preset}-b"]
+    text = clip_text_model(seed + 2, c.clip_text_in_channels, projection=c.clip_text_pooled_in_channels)
+    return WuerstchenPipeline(
+        prior=randomize(CascadeUNet(c), seed + 1),
+        prior_text_encoder=text,
+        prior_tokenizer=char_tokenizer(),
+        decoder=randomize(CascadeUNet(b), seed + 3),
+        text_encoder=text,
+        tokenizer=char_tokenizer(),
+        vqgan=randomize(StageA(STAGE_A_PRESETS[preset]), seed + 5),
+        settings=PipelineSettings(default_size=1024),
+    )

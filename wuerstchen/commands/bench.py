@@ -3,6 +3,7 @@
 wuerstchen bench                     # medium config, 512×512, CPU
 wuerstchen bench --paper             # also FLOPs per 1024² image: Würstchen v2 vs SDXL
 wuerstchen bench --shipped --repeats 5   # the shipped small model: seconds per image, bf16 vs fp32
+wuerstchen bench --cascade --decoder-steps 10   # Stable Cascade's medium config against diffusers'
 """
 
 import argparse
@@ -23,6 +24,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shipped", action="store_true", help="the shipped small model: s/image, bf16 vs fp32 PSNR")
     p.add_argument("--model", default=None, help="with --shipped: another model folder")
     p.add_argument("--images", type=int, default=24, help="with --shipped: prompts for the bf16 vs fp32 PSNR")
+    p.add_argument(
+        "--cascade",
+        action="store_true",
+        help="Stable Cascade's medium config against diffusers' (use --decoder-steps 10)",
+    )
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--folder", default=None, help=argparse.SUPPRESS)
 

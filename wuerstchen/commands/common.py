@@ -36,6 +36,10 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="auto (bfloat16 where the device computes it natively: CUDA, CPUs with AVX512_BF16 or AMX; "
         "else float32), float32 or bfloat16",
     )
+    g.add_argument(
+        "--lite", action="store_true", help="Stable Cascade: the lite prior and decoder (prior_lite/, decoder_lite/)"
+    )
+    g.add_argument("--variant", default=None, help="weight files of this variant, e.g. bf16 (…model.bf16.safetensors)")
     g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: the best available)")
     g.add_argument(
         "--offload",
@@ -66,7 +70,13 @@ def load_from_args(args: argparse.Namespace) -> WuerstchenPipeline:
     device = args.device or str(default_device())
     dtype = parse_dtype(args.dtype, device)
     args.resolved_dtype = str(dtype).removeprefix("torch.")  # for the PNG metadata and the logs
-    pipe = WuerstchenPipeline.from_pretrained(model, prior=args.prior, torch_dtype=dtype)
+    pipe = WuerstchenPipeline.from_pretrained(
+        model,
+        prior=args.prior,
+        torch_dtype=dtype,
+        lite=getattr(args, "lite", False),
+        variant=getattr(args, "variant", None),
+    )
     if args.offload == "model":
         pipe.enable_model_cpu_offload(device)
     elif args.offload == "sequential":
