@@ -279,7 +279,7 @@ def load_pipeline(
         if prior is None and str(path_or_id) in OFFICIAL_PRIOR:
             prior = OFFICIAL_PRIOR[str(path_or_id)]
         if prior is not None:
-            prior_root = resolve_folder(prior)
+            prior_root = resolve_folder(prior, lite, variant)
             prior_index = (
                 read_json(prior_root / "model_index.json") if (prior_root / "model_index.json").exists() else {}
             )
