@@ -117,3 +117,15 @@ def test_importing_the_library_is_lean() -> None:
     # (argparse itself is loaded by torch; the argparse-based command modules must not be.)
     for heavy in ("diffusers", "fastapi", "uvicorn", "wuerstchen.cli", "wuerstchen.commands", "peft"):
         assert heavy not in loaded, heavy
+
+
+def test_the_pipeline_class_stays_short():
+    """The pipeline composes the parts; what differs between generations lives in `parts.py`."""
+    import ast
+    from pathlib import Path
+
+    import wuerstchen
+
+    tree = ast.parse((Path(wuerstchen.__file__).parent / "pipeline.py").read_text(encoding="utf-8"))
+    (cls,) = [n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "WuerstchenPipeline"]
+    assert cls.end_lineno - cls.lineno + 1 < 300

@@ -12,7 +12,7 @@ the pipeline.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -86,8 +86,12 @@ class PriorV2:
                     weighting: bool, warn: bool) -> Text:  # fmt: skip
         return (encode_prompts(tokenizer, encoder, texts, device, weighting, warn),)
 
-    def image_condition(self, pipe: Any, image_embeds: Tensor | None, n: int, cfg: bool) -> None:
-        if image_embeds is not None:
+    def encode_images(self, pipe: Any, images: Any, weights: Sequence[float] | None = None) -> None:
+        self.image_condition(pipe, images, weights, None, 1, False)
+
+    def image_condition(self, pipe: Any, images: Any, weights: Any, image_embeds: Tensor | None, n: int,
+                        cfg: bool) -> None:  # fmt: skip
+        if images is not None or image_embeds is not None:
             raise UserError("Würstchen v2 takes no image inputs: image variations need a Stable Cascade model")
 
     def latent_shape(self, model: StageC, n: int, height: int, width: int, st: PipelineSettings) -> tuple[int, ...]:
@@ -167,8 +171,30 @@ class PriorV3:
                     weighting: bool, warn: bool) -> Text:  # fmt: skip
         return encode_prompts_pooled(tokenizer, encoder, texts, device, weighting, warn)
 
-    def image_condition(self, pipe: Any, image_embeds: Tensor | None, n: int, cfg: bool) -> Tensor:
-        """(n, k, D) image embeddings for the n rows of the batch ([cond; zeros] with CFG)."""
+    def encode_images(self, pipe: Any, images: Any, weights: Sequence[float] | None = None) -> Tensor:
+        """Images (PIL images, or image tensors as the feature extractor takes them) → the image
+        conditions (1, k, D): one CLIP image embedding per image, as diffusers computes it, times
+        its weight (default 1)."""
+        if pipe.image_encoder is None or pipe.feature_extractor is None:
+            raise UserError("this model has no image encoder (image_encoder/, feature_extractor/): it takes no images")
+        items = list(images) if isinstance(images, list | tuple) or getattr(images, "dim", int)() == 4 else [images]
+        weights = [1.0] * len(items) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(items):
+            raise UserError(f"got {len(weights)} image weights for {len(items)} images: give one per image")
+        dtype = next(pipe.image_encoder.parameters()).dtype
+        with pipe._placed("image_encoder") as encoder:
+            pixels = [pipe.feature_extractor(im, return_tensors="pt").pixel_values for im in items]
+            embeds = [encoder(px.to(pipe.device, dtype)).image_embeds for px in pixels]
+        return torch.cat([e * w if w != 1 else e for e, w in zip(embeds, weights, strict=True)])[None]
+
+    def image_condition(self, pipe: Any, images: Any, weights: Sequence[float] | None, image_embeds: Tensor | None,
+                        n: int, cfg: bool) -> Tensor:  # fmt: skip
+        """(n, k, D) image embeddings for the n rows of the batch ([cond; zeros] with CFG), from
+        `images` (weighted, `encode_images`) or given `image_embeds`; one zero token without either."""
+        if images is not None:
+            if image_embeds is not None:
+                raise UserError("pass either `images` or `image_embeds`, not both")
+            image_embeds = self.encode_images(pipe, images, weights)
         if image_embeds is None:
             width = pipe.prior.config.clip_image_in_channels
             image_embeds = torch.zeros(1, 1, width)

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 import torch
@@ -28,7 +28,6 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .errors import UserError
-from .hardware import check_dtype
 from .models.stage_a import StageA
 from .models.stage_b import StageB
 from .models.stage_c import StageC
@@ -198,17 +197,14 @@ class WuerstchenPipeline:
         self.prior_part, self.decoder_part = parts_for(prior, decoder)
         self.settings = settings or PipelineSettings()
         self.placement = Placement()
-        # CPU inference: in these stages the Linear layers run on oneDNN with their weights packed once
-        # per sampling loop and the MLPs' GELU fused in (models/onednn.py), at the cost of one more
-        # copy of the stage's Linear weights while it runs. The decoder is left out: its weights are
-        # the largest, so packing them raises the generation's peak memory, for little gain.
+        # CPU inference: these stages' Linear layers run on oneDNN with weights packed once per sampling
+        # loop and the MLPs' GELU fused in (models/onednn.py), for one more copy of their weights while
+        # they run; not the decoder: its weights are the largest, packing them raises the peak memory.
         self.packed_stages: tuple[str, ...] = ("prior", "vqgan")
 
     # ----------------------------------------------------------------------------- loading
     @classmethod
-    def from_pretrained(
-        cls, path_or_id: str | Path, prior: str | Path | None = None, **kwargs: Any
-    ) -> WuerstchenPipeline:
+    def from_pretrained(cls, path_or_id: str | Path, prior: str | Path | None = None, **kwargs: Any) -> Self:
         """Load a diffusers-format folder or hub id (see `wuerstchen.io.folders.load_pipeline`)."""
         from .io.folders import load_pipeline
 
@@ -247,16 +243,7 @@ class WuerstchenPipeline:
     ) -> WuerstchenPipeline:
         """Move and/or cast every model, as diffusers allows: `to("cuda")`, `to(torch.bfloat16)`,
         `to("cuda", torch.bfloat16)`."""
-        if isinstance(device, torch.dtype):
-            if dtype is not None:
-                raise TypeError("pipe.to(dtype) takes one dtype: use pipe.to(device, dtype)")
-            device, dtype = None, device
-        if device is not None:
-            self.placement.device = torch.device(device)
-        if dtype is not None:
-            check_dtype(dtype, self.device)
-        for m in self.modules().values():
-            m.to(device=None if self.placement.offload else device, dtype=dtype)
+        self.placement.move(self.modules(), device, dtype)
         return self
 
     def enable_model_cpu_offload(self, device: torch.device | str | None = None) -> None:
@@ -318,20 +305,8 @@ class WuerstchenPipeline:
         return _with_negatives(encode, cond, negative, negative_prompt_embeds, repeat) if cfg else cond
 
     def encode_images(self, images: Any, weights: Sequence[float] | None = None) -> Tensor:
-        """Images (PIL images, or image tensors as the feature extractor takes them) → Stable
-        Cascade's image conditions (1, k, D): one CLIP image embedding per image, as diffusers
-        computes it, times its weight (default 1)."""
-        if self.image_encoder is None or self.feature_extractor is None:
-            raise UserError("this model has no image encoder (image_encoder/, feature_extractor/): it takes no images")
-        items = list(images) if isinstance(images, list | tuple) or getattr(images, "dim", int)() == 4 else [images]
-        weights = [1.0] * len(items) if weights is None else [float(w) for w in weights]
-        if len(weights) != len(items):
-            raise UserError(f"got {len(weights)} image weights for {len(items)} images: give one per image")
-        dtype = next(self.image_encoder.parameters()).dtype
-        with self._placed("image_encoder") as encoder:
-            pixels = [self.feature_extractor(im, return_tensors="pt").pixel_values for im in items]
-            embeds = [encoder(px.to(self.device, dtype)).image_embeds for px in pixels]
-        return torch.cat([e * w if w != 1 else e for e, w in zip(embeds, weights, strict=True)])[None]
+        """Images → the prior's image conditions (1, k, D) (Stable Cascade: see `PriorV3.encode_images`)."""
+        return self.prior_part.encode_images(self, images, weights)
 
     # ----------------------------------------------------------------------------- stages
     def _sample(self, stage: str, make_denoiser: Callable[[Callable], Denoiser], x: Tensor, times: list[float],
@@ -384,11 +359,7 @@ class WuerstchenPipeline:
         given_neg = _given(negative_prompt_embeds, negative_prompt_embeds_pooled, "negative_prompt_embeds")
         text = self.encode_prompt("prior", prompts, negatives, cfg, num_images_per_prompt, given, given_neg,
                                   prompt_weighting)  # fmt: skip
-        if images is not None:
-            if image_embeds is not None:
-                raise UserError("pass either `images` or `image_embeds`, not both")
-            image_embeds = self.encode_images(images, image_weights)
-        image = self.prior_part.image_condition(self, image_embeds, n, cfg)
+        image = self.prior_part.image_condition(self, images, image_weights, image_embeds, n, cfg)
         shape = self.prior_part.latent_shape(self.prior, n, height, width, self.settings)
         x = _noise(latents, shape, generator, self.device, "`latents`")
         denoiser = lambda run: self.prior_part.denoiser(self.prior, run, text, guidance_scale, image)  # noqa: E731
@@ -491,8 +462,8 @@ class WuerstchenPipeline:
             prompt_weighting=prompt_weighting, images=images, image_embeds=image_embeds, image_weights=image_weights,
             prompt_embeds_pooled=prompt_embeds_pooled, negative_prompt_embeds_pooled=negative_prompt_embeds_pooled,
         )  # fmt: skip
-        text, neg = self._decoder_text(
-            prior, prompt, negative_prompt, decoder_prompt_embeds, decoder_negative_prompt_embeds,
+        text, neg = _decoder_text(
+            self, prior, prompt, negative_prompt, decoder_prompt_embeds, decoder_negative_prompt_embeds,
             decoder_guidance_scale > 1, num_images_per_prompt, prompt_weighting, warn=prompt_embeds is not None,
         )  # fmt: skip
         out = self.decode(
@@ -503,26 +474,27 @@ class WuerstchenPipeline:
         )  # fmt: skip
         return out if return_dict else (out.images,)
 
-    def _decoder_text(self, prior: PriorOutput, prompt: Any, negative_prompt: Any, embeds: Tensor | None,
-                      negative_embeds: Tensor | None, cfg: bool, n: int, weighting: bool,
-                      warn: bool) -> tuple[Text, Text | None]:  # fmt: skip
-        """Stage B's text conditions per image in a text-to-image call: the prior's, where the part
-        reads those (Stable Cascade), else the prompts through the decoder's own text encoder, once
-        per prompt and repeated for each of its images (diffusers' v2 decoder multiplies a list of
-        prompts twice here). The prior's encoder has warned about the prompts already."""
-        prompts = _as_list(prompt, "prompt") or [""] * (prior.image_embeddings.shape[0] // n)
-        per_image = lambda t: tuple(x.repeat_interleave(n, dim=0) for x in t)  # noqa: E731
 
-        def encoded(texts: list[str]) -> Text:
-            return per_image(self.encode_prompt("decoder", texts, None, False, 1, weighting=weighting, warn=warn))
+def _decoder_text(pipe: WuerstchenPipeline, prior: PriorOutput, prompt: Any, negative_prompt: Any,
+                  embeds: Tensor | None, negative_embeds: Tensor | None, cfg: bool, n: int, weighting: bool,
+                  warn: bool) -> tuple[Text, Text | None]:  # fmt: skip
+    """Stage B's text conditions per image in a text-to-image call: the prior's, where the part
+    reads those (Stable Cascade), else the prompts through the decoder's own text encoder, once
+    per prompt and repeated for each of its images (diffusers' v2 decoder multiplies a list of
+    prompts twice here). The prior's encoder has warned about the prompts already."""
+    prompts = _as_list(prompt, "prompt") or [""] * (prior.image_embeddings.shape[0] // n)
+    per_image = lambda t: tuple(x.repeat_interleave(n, dim=0) for x in t)  # noqa: E731
 
-        reused = self.decoder_part.text_from_prior(prior.text, prior.negative_text)
-        text = per_image((embeds,)) if embeds is not None else reused[0] if reused else encoded(prompts)
-        if not cfg:
-            return text, None
-        if negative_embeds is not None:
-            return text, per_image((negative_embeds,))
-        if reused and reused[1] is not None:
-            return text, reused[1]
-        negatives = _as_list(negative_prompt, "negative_prompt") or [""]
-        return text, encoded(negatives * len(prompts) if len(negatives) == 1 else negatives)
+    def encoded(texts: list[str]) -> Text:
+        return per_image(pipe.encode_prompt("decoder", texts, None, False, 1, weighting=weighting, warn=warn))
+
+    reused = pipe.decoder_part.text_from_prior(prior.text, prior.negative_text)
+    text = per_image((embeds,)) if embeds is not None else reused[0] if reused else encoded(prompts)
+    if not cfg:
+        return text, None
+    if negative_embeds is not None:
+        return text, per_image((negative_embeds,))
+    if reused and reused[1] is not None:
+        return text, reused[1]
+    negatives = _as_list(negative_prompt, "negative_prompt") or [""]
+    return text, encoded(negatives * len(prompts) if len(negatives) == 1 else negatives)

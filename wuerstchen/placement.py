@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .hardware import check_dtype
 from .models.kernels import inference_kernels
 from .models.onednn import packed_linears
 
@@ -26,6 +27,21 @@ class Placement:
         self.device = torch.device("cpu")
         self.offload: str | None = None  # None, "model" or "sequential"
         self.compiled: dict[str, Callable] = {}
+
+    def move(self, modules: dict[str, nn.Module], device: torch.device | str | torch.dtype | None,
+             dtype: torch.dtype | None) -> None:  # fmt: skip
+        """`pipe.to(...)`: a new execution device and/or dtype for every model (`to(dtype)` alone
+        casts); with offload the models stay on the CPU and only the execution device changes."""
+        if isinstance(device, torch.dtype):
+            if dtype is not None:
+                raise TypeError("pipe.to(dtype) takes one dtype: use pipe.to(device, dtype)")
+            device, dtype = None, device
+        if device is not None:
+            self.device = torch.device(device)
+        if dtype is not None:
+            check_dtype(dtype, self.device)
+        for m in modules.values():
+            m.to(device=None if self.offload else device, dtype=dtype)
 
     def enable_offload(self, kind: str, device: torch.device | str | None, modules: dict[str, nn.Module]) -> None:
         """Keep every model on the CPU; move each to `device` while it runs ("model") or each layer
