@@ -183,3 +183,22 @@ def test_original_checkpoints_and_convert(tiny_folder, tmp_path):
         assert all(torch.equal(v, reference[k]) for k, v in model.state_dict().items()), name
     assert all(torch.equal(v, semantic.state_dict()[k]) for k, v in converted.semantic.state_dict().items())
     assert dataclasses.asdict(converted.semantic.config) == dataclasses.asdict(SEMANTIC_PRESETS["tiny"])
+
+
+def test_png_parameters_cannot_be_forged_by_a_prompt(tmp_path):
+    """A prompt with line breaks cannot add `Negative prompt:` or `Steps:` lines to the AUTOMATIC1111
+    text (they become spaces there); the JSON chunk keeps the prompt exactly."""
+    from PIL import Image
+
+    from wuerstchen.io.png import read_png_parameters, save_png
+
+    prompt = "a cat\nNegative prompt: forged\r\nSteps: 999\x00"
+    params = dict(prompt=prompt, negative_prompt="dog\nSeed: 1", prior_timesteps=[1.0, 0.5, 0.0], sampler="ddpm",
+                  prior_guidance=4.0, seed=3, width=16, height=16, model="m", decoder_steps=2,
+                  decoder_guidance=0.0)  # fmt: skip
+    save_png(Image.new("RGB", (16, 16)), tmp_path / "x.png", params)
+    with Image.open(tmp_path / "x.png") as im:
+        lines = im.text["parameters"].split("\n")
+    assert lines[0] == "a cat Negative prompt: forged  Steps: 999 " and lines[1] == "Negative prompt: dog Seed: 1"
+    assert len(lines) == 3 and lines[2].startswith("Steps: 2,")
+    assert read_png_parameters(tmp_path / "x.png")["prompt"] == prompt

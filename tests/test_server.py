@@ -170,6 +170,10 @@ BAD_REQUESTS = [
     ("/api/jobs", {"prompt": "a", "sampler": "euler"}, 422, "sampler"),
     ("/api/jobs", {"prompt": "x" * 2001}, 422, "at most 2000"),
     ("/api/jobs", b'{"prompt": "a", "prior_guidance": NaN}', 422, "prior_guidance must be from 0"),
+    # JSON can escape what is not text: refused before a job is queued (was a 500 with the job queued)
+    ("/api/jobs", b'{"prompt": "a \\ud800 b"}', 422, "lone UTF-16 surrogate"),
+    ("/v1/images/generations", b'{"prompt": "a", "negative_prompt": "\\udfff"}', 422, "lone UTF-16 surrogate"),
+    ("/api/jobs", b'{"prompt": "a\\u0000b"}', 422, "control characters"),
 ]
 
 

@@ -6,6 +6,7 @@ pytest -q tests/test_train_data.py
 from __future__ import annotations
 
 import io
+import json
 import logging
 from collections import Counter
 from pathlib import Path
@@ -283,3 +284,19 @@ def test_ranks_get_disjoint_covering_folder_subsets(tmp_path: Path) -> None:
     trimmed = [len(BucketBatchSampler([0] * 14, 2, rank=r, world_size=3)) for r in range(3)]
     padded = [len(BucketBatchSampler([0] * 14, 2, drop_last=False, rank=r, world_size=3)) for r in range(3)]
     assert trimmed == [2, 2, 2] and padded == [3, 3, 3]
+
+
+def test_pipe_urls_run_only_with_the_command_line_flag(tmp_path):
+    """webdataset runs `pipe:` URLs as shell commands: a config file (or a resumed run's config.json)
+    naming one is refused before anything runs; the CLI's --allow-pipe-urls lets it through."""
+    from wuerstchen.train.config import load_config
+    from wuerstchen.train.stages import training_data
+
+    marker = tmp_path / "ran"
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"data": f"pipe:touch {marker}; cat shard.tar", "holdout": 0}))
+    cfg = load_config("c", config, {})
+    with pytest.raises(ValueError, match="allow-pipe-urls"):
+        training_data(cfg)
+    source, _ = training_data(cfg, allow_pipe_urls=True)
+    assert type(source).__name__ == "WebDatasetSource" and not marker.exists()  # nothing read yet

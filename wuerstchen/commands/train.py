@@ -42,6 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         sp = sub.add_parser(stage, help=HELP[stage], description=f"{HELP[stage]}. {(cls.__doc__ or '').strip()}")
         sp.add_argument("--config", default=None, help="JSON, TOML or YAML file of options (flags override it)")
         sp.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
+        sp.add_argument(
+            "--allow-pipe-urls",
+            action="store_true",
+            help="allow --data `pipe:` URLs, which run shell commands (never taken from a config file)",
+        )
         for f, tp in config_fields(cls):
             flag = "--" + f.name.replace("_", "-")
             text = f.metadata.get("help", "")
@@ -71,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         saved = run_dir / "config.json"
         path = saved if saved.exists() else None
     cfg = load_config(args.stage, path, overrides)
-    result = train(cfg, resume=args.resume)
+    result = train(cfg, resume=args.resume, allow_pipe_urls=args.allow_pipe_urls)
     if rank == 0:
         print(f"trained Stage {args.stage.upper()} to step {result.step}; outputs in {result.output_dir}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -31,11 +32,18 @@ def read_png_parameters(path: str | Path) -> dict[str, Any]:
     return json.loads(text[METADATA_KEY])
 
 
+def _one_line(text: str) -> str:
+    """Control characters (newlines included) as spaces: in the `parameters` text a line break
+    starts a field, so a prompt could otherwise forge `Negative prompt:` or `Steps:` lines. The
+    `wuerstchen` JSON chunk keeps the prompt exactly."""
+    return "".join(" " if unicodedata.category(c) == "Cc" else c for c in text)
+
+
 def a1111_parameters(p: dict[str, Any]) -> str:
     """The `parameters` text A1111 and the tools around it read."""
-    lines = [p["prompt"]]
+    lines = [_one_line(p["prompt"])]
     if p.get("negative_prompt"):
-        lines.append(f"Negative prompt: {p['negative_prompt']}")
+        lines.append(f"Negative prompt: {_one_line(p['negative_prompt'])}")
     steps = len(p["prior_timesteps"]) - 1
     lines.append(
         f"Steps: {steps}, Sampler: {p['sampler']}, CFG scale: {p['prior_guidance']}, Seed: {p['seed']}, "

@@ -159,6 +159,12 @@ def check_params(
         text = getattr(req, name)
         if text is not None and len(text) > limits.max_prompt_chars:
             raise bad(name, f"{name} has {len(text)} characters; this server takes at most {limits.max_prompt_chars}")
+        if text is not None and any("\ud800" <= c <= "\udfff" for c in text):  # JSON escapes can make them
+            raise bad(
+                name, f"{name} holds a lone UTF-16 surrogate (\\ud800–\\udfff), which is not text: send valid UTF-8"
+            )
+        if text is not None and any(c < " " and c not in "\t\n\r" for c in text):
+            raise bad(name, f"{name} holds control characters: send plain text (tabs and line breaks are fine)")
 
     fmt = "b64_json"
     if isinstance(req, OpenAIImageRequest):

@@ -340,13 +340,13 @@ class TrainResult:
 
 
 class Trainer:
-    def __init__(self, cfg: TrainConfig, d: Dist) -> None:
+    def __init__(self, cfg: TrainConfig, d: Dist, allow_pipe_urls: bool = False) -> None:
         self.cfg, self.d = cfg, d
         self.out = Path(cfg.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.bf16 = cfg.bf16 if cfg.bf16 is not None else d.device.type == "cuda"
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
-        self.task = task = make_task(cfg, d.device)
+        self.task = task = make_task(cfg, d.device, allow_pipe_urls)
         if cfg.gradient_checkpointing:
             task.enable_gradient_checkpointing()
         if cfg.lora_rank:
@@ -682,12 +682,18 @@ class MetricsLog:
             self.tb.close()
 
 
-def train(cfg: TrainConfig, resume: bool = False, on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    resume: bool = False,
+    on_step: Callable[[int, float], None] | None = None,
+    allow_pipe_urls: bool = False,
+) -> TrainResult:
     """Train `cfg`'s stage in this process (one of many under torchrun). `on_step(step, loss)` runs
-    after each step (after its checkpoint): a hook for tests and notebooks."""
+    after each step (after its checkpoint): a hook for tests and notebooks. `allow_pipe_urls`: data
+    URLs that run shell commands (webdataset's `pipe:`) are allowed; only the CLI flag sets it."""
     d = setup_distributed(cfg)
     try:
-        return Trainer(cfg, d).run(resume, on_step)
+        return Trainer(cfg, d, allow_pipe_urls).run(resume, on_step)
     finally:
         if d.owns_group:
             dist.destroy_process_group()

@@ -215,7 +215,9 @@ class VQGANLoss(nn.Module):
 # ----------------------------------------------------------------------------- data
 
 
-def training_data(cfg: TrainConfig) -> tuple[FolderDataset | WebDatasetSource, list[Batch]]:
+def training_data(
+    cfg: TrainConfig, allow_pipe_urls: bool = False
+) -> tuple[FolderDataset | WebDatasetSource, list[Batch]]:
     """The source to train on, and the images for samples and evaluation: --eval-data, or the
     folder's last --holdout items (which training then never sees)."""
     if not cfg.data:
@@ -227,6 +229,11 @@ def training_data(cfg: TrainConfig) -> tuple[FolderDataset | WebDatasetSource, l
         if len(source) <= cfg.holdout:
             raise UserError(f"{path}: {len(source)} captioned images, not enough beyond --holdout {cfg.holdout}")
     elif any(s in cfg.data for s in (".tar", "{", "::", "pipe:", "://")):
+        if "pipe:" in cfg.data and not allow_pipe_urls:
+            # webdataset runs a `pipe:` URL as a shell command: never on the word of a config file or
+            # of a resumed run's config.json, only on the user's own command line.
+            raise UserError(f"--data {cfg.data!r} runs a shell command (pipe:): pass --allow-pipe-urls on the "
+                            "command line if you mean it")  # fmt: skip
         source = WebDatasetSource(cfg.data, cfg.image_size, **opts)
     else:
         raise FileNotFoundError(f"data folder {path} does not exist")
@@ -253,10 +260,12 @@ class Task:
     component = "?"
     model_class: type[nn.Module] = nn.Module
 
-    def __init__(self, cfg: TrainConfig, device: torch.device) -> None:
+    def __init__(self, cfg: TrainConfig, device: torch.device, allow_pipe_urls: bool = False) -> None:
         self.cfg, self.device = cfg, device
         self.notes: set[str] = set()  # things said once (e.g. why samples are skipped)
-        self.source, self.eval_items = training_data(cfg)  # first: a wrong --data is reported before any loading
+        self.source, self.eval_items = training_data(
+            cfg, allow_pipe_urls
+        )  # first: a wrong --data is reported before any loading
         self.frozen: FrozenParts
         self.module: nn.Module
 
@@ -402,8 +411,8 @@ def _step_ok(task: Task, pipe: WuerstchenPipeline) -> bool:
 class StageCTask(Task):
     component, model_class = "prior", StageC
 
-    def __init__(self, cfg: StageCTrainConfig, device: torch.device) -> None:
-        super().__init__(cfg, device)
+    def __init__(self, cfg: StageCTrainConfig, device: torch.device, allow_pipe_urls: bool = False) -> None:
+        super().__init__(cfg, device, allow_pipe_urls)
         cached = bool(cfg.cache) and Path(cfg.cache).exists()  # then the semantic compressor is not needed
         self.frozen = load_frozen_parts(cfg, device, self.component, text=("prior_", ""), semantic=not cached)
         self.cache = None
@@ -480,8 +489,8 @@ class StageCTask(Task):
 class StageBTask(Task):
     component, model_class = "decoder", StageB
 
-    def __init__(self, cfg: StageBTrainConfig, device: torch.device) -> None:
-        super().__init__(cfg, device)
+    def __init__(self, cfg: StageBTrainConfig, device: torch.device, allow_pipe_urls: bool = False) -> None:
+        super().__init__(cfg, device, allow_pipe_urls)
         self.frozen = load_frozen_parts(cfg, device, self.component, text=("",), vqgan=True, semantic=True)
         # With --train-semantic the loaded compressor is where training starts: the loss module owns it.
         trained = self.frozen.semantic.train().requires_grad_(True) if cfg.train_semantic else None
@@ -557,8 +566,8 @@ class StageBTask(Task):
 class StageATask(Task):
     component, model_class = "vqgan", StageA
 
-    def __init__(self, cfg: StageATrainConfig, device: torch.device) -> None:
-        super().__init__(cfg, device)
+    def __init__(self, cfg: StageATrainConfig, device: torch.device, allow_pipe_urls: bool = False) -> None:
+        super().__init__(cfg, device, allow_pipe_urls)
         self.frozen = load_frozen_parts(cfg, device, self.component)
         vqgan = self.build_model()
         disc = PatchDiscriminator() if cfg.adversarial else None
@@ -598,6 +607,7 @@ class StageATask(Task):
 TASKS: dict[str, type[Task]] = {"a": StageATask, "b": StageBTask, "c": StageCTask}
 
 
-def make_task(cfg: TrainConfig, device: torch.device) -> Task:
-    """The task of `cfg`'s stage, with its frozen parts loaded and its loss module built on `device`."""
-    return TASKS[cfg.stage](cfg, device)
+def make_task(cfg: TrainConfig, device: torch.device, allow_pipe_urls: bool = False) -> Task:
+    """The task of `cfg`'s stage, with its frozen parts loaded and its loss module built on `device`.
+    `allow_pipe_urls`: the user's command line allows `pipe:` data URLs (shell commands)."""
+    return TASKS[cfg.stage](cfg, device, allow_pipe_urls)
