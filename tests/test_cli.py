@@ -60,6 +60,10 @@ def test_generate_and_from_png_make_the_same_image(tiny_folder: Path, tmp_path: 
     assert params["seed"] == 8 and params["prompt"] == "a red circle" and im.size == (128, 128)
 
     code, out, err = finish(wuerstchen("generate", "--from-png", paths[1], "--output-dir", again, "--quiet"))
+    assert code == 2 and "pass --model" in err  # the PNG names its model, but never picks what to load
+    code, out, err = finish(
+        wuerstchen("generate", "--from-png", paths[1], "--output-dir", again, "--quiet", "--model", str(tiny_folder))
+    )
     assert code == 0, err
     with Image.open(out.strip()) as im:
         assert np.array_equal(np.asarray(im.convert("RGB")), original)
@@ -95,6 +99,8 @@ def test_user_mistakes_are_one_line_and_exit_2(tiny_folder: Path, tmp_path: Path
         "float16": ("generate", "a cat", "--model", tiny_folder, "--dtype", "float16"),
         "bad pattern": ("generate", "a cat", "--model", tiny_folder, "--pattern", "{nope}.png"),
         "resume without a run": ("train", "c", "--resume", "--output-dir", tmp_path / "no-run"),
+        "guidance not a number": ("generate", "a cat", "--model", tiny_folder, "--prior-guidance", "nan"),
+        "huge size": ("generate", "a cat", "--model", tiny_folder, "--height", "100000", "--width", "100000"),
     }
     with socket.socket() as busy:  # `serve` binds before it loads the model, so a busy port fails at once
         busy.bind(("127.0.0.1", 0))
@@ -144,3 +150,26 @@ def test_only_user_mistakes_are_one_line(monkeypatch: pytest.MonkeyPatch, capsys
         monkeypatch.setattr(generate, "run", broken)
         with pytest.raises(type(bug)):
             cli.main(["generate", "a cat"])
+
+
+@pytest.mark.parametrize(
+    "chunk, words",
+    [
+        ("[]", "JSON object"),
+        ("null", "JSON object"),
+        ('{"prompt": "a", "seed": 1, "prior_guidance": 4, "decoder_guidance": 0, "sampler": "ddpm", '
+         '"prior_steps": 1e9}', "prior_steps must be an integer"),
+        ('{"prompt": "a", "seed": 1, "prior_guidance": 4, "decoder_guidance": 0, "sampler": "ddpm", '
+         '"height": 100000}', "height must be an integer from 1 to 8192"),
+        ('{"prompt": "a", "seed": 1, "prior_guidance": 4, "decoder_guidance": 0, "sampler": "ddpm", '
+         '"model": "someone/else"}', "pass --model"),
+    ],
+)
+def test_a_crafted_png_is_a_one_line_error(tmp_path: Path, chunk: str, words: str) -> None:
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("wuerstchen", chunk)
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png", pnginfo=info)
+    code, _out, err = finish(wuerstchen("generate", "--from-png", tmp_path / "x.png", "--output-dir", tmp_path / "o"))
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err

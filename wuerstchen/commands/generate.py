@@ -14,9 +14,11 @@ stored as PNG text chunks: `parameters` in AUTOMATIC1111's format and `wuerstche
 from __future__ import annotations
 
 import argparse
+import math
 import random
 import re
 from pathlib import Path
+from typing import Any
 
 from ..errors import UserError
 from .common import add_model_arguments, load_from_args
@@ -83,6 +85,52 @@ def _check_size(value: int | None, name: str, step: int, default: int) -> int:
     return value
 
 
+MAX_SIDE, MAX_STEPS, MAX_GUIDANCE = 8192, 1000, 100.0  # beyond these a job is a mistake, not a wish
+JOB_FIELDS = ("prompt", "negative_prompt", "height", "width", "seed", "prior_timesteps", "prior_steps", "prior_shift",
+              "prior_guidance", "decoder_steps", "decoder_guidance", "sampler")  # fmt: skip
+
+
+def _check_job(job: Any, source: str) -> dict:
+    """One image's parameters (from the flags or a PNG's metadata) checked as the flags are: known
+    fields of the right types within bounds, else one line naming the field."""
+    if not isinstance(job, dict):
+        raise UserError(f"{source}: the parameters must be a JSON object, got {type(job).__name__}")
+
+    def number(name: str, low: float, high: float, integer: bool, optional: bool = False) -> None:
+        value = job.get(name)
+        if value is None and optional:
+            return
+        kinds = (int,) if integer else (int, float)
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, kinds)
+            or not math.isfinite(value)
+            or not low <= value <= high
+        ):
+            what = "an integer" if integer else "a number"
+            raise UserError(f"{source}: {name} must be {what} from {low:g} to {high:g}, got {value!r}")
+
+    if not isinstance(job.get("prompt"), str) or not isinstance(job.get("negative_prompt") or "", str):
+        raise UserError(f"{source}: prompt and negative_prompt must be text")
+    number("height", 1, MAX_SIDE, True, optional=True)
+    number("width", 1, MAX_SIDE, True, optional=True)
+    number("seed", 0, 2**63 - 1, True)
+    number("prior_steps", 1, MAX_STEPS, True, optional=True)
+    number("prior_shift", 1e-3, 1e3, False, optional=True)
+    number("prior_guidance", 0, MAX_GUIDANCE, False)
+    number("decoder_steps", 1, MAX_STEPS, True, optional=True)
+    number("decoder_guidance", 0, MAX_GUIDANCE, False)
+    if job.get("sampler") not in ("ddpm", "ddim"):
+        raise UserError(f"{source}: sampler must be ddpm or ddim, got {job.get('sampler')!r}")
+    times = job.get("prior_timesteps")
+    if times is not None:
+        ok = isinstance(times, list) and 2 <= len(times) <= MAX_STEPS + 1
+        ok = ok and all(isinstance(t, int | float) and not isinstance(t, bool) and 0 <= t <= 1 for t in times)
+        if not ok or any(a <= b for a, b in zip(times, times[1:], strict=False)):
+            raise UserError(f"{source}: prior_timesteps must be 2 to {MAX_STEPS + 1} decreasing times in [0, 1]")
+    return {k: job.get(k) for k in JOB_FIELDS}
+
+
 def _paths(args: argparse.Namespace, jobs: list[dict], out_dir: Path) -> list[Path]:
     """Every image's file, checked before the model loads: numbers continue after the folder's
     highest, and no existing file is replaced."""
@@ -114,10 +162,12 @@ def run(args: argparse.Namespace) -> int:
         from ..io.png import read_png_parameters
 
         saved = read_png_parameters(args.from_png)
-        jobs = [saved]
-        if args.model is None and saved.get("model") not in (None, SHIPPED_MODEL_NAME):
-            args.model = saved["model"]
-        if args.dtype == "auto" and saved.get("dtype"):
+        jobs = [_check_job(saved, str(args.from_png))]
+        model = saved.get("model")
+        if args.model is None and model not in (None, SHIPPED_MODEL_NAME):
+            # A PNG never picks what to load or download: the user names the model.
+            raise UserError(f"{args.from_png} was made with the model {str(model)[:200]!r}: pass --model with it")
+        if args.dtype == "auto" and saved.get("dtype") in ("float32", "bfloat16"):
             args.dtype = saved["dtype"]  # the precision the image was made in: the same pixels again
     else:
         for name in ("num_images", "decoder_steps", "prior_steps"):
@@ -130,19 +180,22 @@ def run(args: argparse.Namespace) -> int:
         for prompt in _prompts(args):
             for _ in range(args.num_images):
                 jobs.append(
-                    dict(
-                        prompt=prompt,
-                        negative_prompt=args.negative_prompt,
-                        height=args.height,
-                        width=args.width,
-                        seed=seed + len(jobs),
-                        prior_timesteps=None,  # the model's (known once it is loaded)
-                        prior_steps=args.prior_steps,
-                        prior_shift=args.prior_shift,
-                        prior_guidance=args.prior_guidance,
-                        decoder_steps=args.decoder_steps,
-                        decoder_guidance=args.decoder_guidance,
-                        sampler=args.sampler,
+                    _check_job(
+                        dict(
+                            prompt=prompt,
+                            negative_prompt=args.negative_prompt,
+                            height=args.height,
+                            width=args.width,
+                            seed=seed + len(jobs),
+                            prior_timesteps=None,  # the model's (known once it is loaded)
+                            prior_steps=args.prior_steps,
+                            prior_shift=args.prior_shift,
+                            prior_guidance=args.prior_guidance,
+                            decoder_steps=args.decoder_steps,
+                            decoder_guidance=args.decoder_guidance,
+                            sampler=args.sampler,
+                        ),
+                        "the command line",
                     )
                 )
     out_dir = Path(args.output_dir)
@@ -191,7 +244,12 @@ def run(args: argparse.Namespace) -> int:
             step_hook=hook,
         ).images[0]
         params = dict(
-            job, height=height, width=width, prior_timesteps=times, decoder_steps=decoder_steps, model=str(model_name),
+            job,
+            height=height,
+            width=width,
+            prior_timesteps=times,
+            decoder_steps=decoder_steps,
+            model=str(model_name),
             dtype=args.resolved_dtype,
         )
         save_png(image, path, params)
