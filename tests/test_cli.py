@@ -101,6 +101,7 @@ def test_user_mistakes_are_one_line_and_exit_2(tiny_folder: Path, tmp_path: Path
         "resume without a run": ("train", "c", "--resume", "--output-dir", tmp_path / "no-run"),
         "guidance not a number": ("generate", "a cat", "--model", tiny_folder, "--prior-guidance", "nan"),
         "huge size": ("generate", "a cat", "--model", tiny_folder, "--height", "100000", "--width", "100000"),
+        "bogus device": ("generate", "a cat", "--model", tiny_folder, "--device", "bogus"),
     }
     with socket.socket() as busy:  # `serve` binds before it loads the model, so a busy port fails at once
         busy.bind(("127.0.0.1", 0))
@@ -125,6 +126,20 @@ def test_user_mistakes_are_one_line_and_exit_2(tiny_folder: Path, tmp_path: Path
 def test_serve_parses_its_options(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
     assert args.run.__module__ == "wuerstchen.commands.serve" and args.max_images == 8 and args.offload == "none"
+
+
+def test_a_missing_gpu_is_one_line_before_loading() -> None:
+    import torch
+
+    from wuerstchen.commands.common import check_device
+    from wuerstchen.errors import UserError
+
+    assert check_device("cpu") == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="no CUDA GPU"):
+            check_device("cuda")
+    with pytest.raises(UserError, match="not a device name"):
+        check_device("gpu7")
 
 
 def test_only_user_mistakes_are_one_line(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:

@@ -26,6 +26,25 @@ def parse_dtype(name: str, device: str | None = None) -> torch.dtype:
         raise UserError(str(e)) from None
 
 
+def check_device(name: str) -> str:
+    """`--device` checked before anything loads: a name torch knows, on a device this machine has."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device {name!r} is not a device name: use cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: this machine (or this torch build) has no CUDA GPU; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UserError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices (0 is the first)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UserError(f"--device {name}: MPS is not available here; use --device cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UserError(f"--device {name}: only cpu, cuda and mps are supported")
+    return name
+
+
 def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default=None, help="pipeline folder or hub id (default: the shipped small model)")
@@ -67,7 +86,7 @@ def load_from_args(args: argparse.Namespace) -> WuerstchenPipeline:
                 "no model given and the shipped small model is not installed: pass --model FOLDER_OR_HUB_ID "
                 "(e.g. a folder made by `python scripts/make_random_model.py random-model`)"
             )
-    device = args.device or str(default_device())
+    device = check_device(args.device) if args.device else str(default_device())
     dtype = parse_dtype(args.dtype, device)
     args.resolved_dtype = str(dtype).removeprefix("torch.")  # for the PNG metadata and the logs
     pipe = WuerstchenPipeline.from_pretrained(
