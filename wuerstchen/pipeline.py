@@ -27,7 +27,9 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from . import image_inputs
 from .errors import UserError
+from .image_inputs import ImageSource
 from .models.stage_a import StageA
 from .models.stage_b import StageB
 from .models.stage_c import StageC
@@ -70,6 +72,24 @@ def _as_list(value: str | Sequence[str] | None, name: str) -> list[str] | None:
             raise UserError(f"`{name}` is an empty list: give at least one prompt")
         return list(value)
     raise TypeError(f"`{name}` must be a string or a list of strings, got {type(value).__name__}")
+
+
+def _prior_prompts(prompt: str | Sequence[str] | None, embeds: Tensor | None) -> list[str] | None:
+    prompts = _as_list(prompt, "prompt")
+    if prompts is not None and embeds is not None:
+        raise UserError("pass either `prompt` or `prompt_embeds`, not both")
+    return [""] if prompts is None and embeds is None else prompts  # unconditional without either
+
+
+def _decoder_prompts(prompt: str | Sequence[str] | None, embeds: Any, per_latent: int) -> list[str] | None:
+    """The decoder's prompts, one per semantic latent (one prompt serves all); None with `embeds`."""
+    prompts = _as_list(prompt, "prompt")
+    if embeds is None:
+        prompts = prompts or [""]
+        prompts = prompts * per_latent if len(prompts) == 1 else prompts
+        if len(prompts) != per_latent:
+            raise UserError(f"got {len(prompts)} prompts for {per_latent} semantic latents")
+    return prompts
 
 
 def _check_steps(steps: int, custom: Sequence[float] | None, name: str) -> list[float]:
@@ -197,9 +217,8 @@ class WuerstchenPipeline:
         self.prior_part, self.decoder_part = parts_for(prior, decoder)
         self.settings = settings or PipelineSettings()
         self.placement = Placement()
-        # CPU inference: these stages' Linear layers run on oneDNN with weights packed once per sampling
-        # loop and the MLPs' GELU fused in (models/onednn.py), for one more copy of their weights while
-        # they run; not the decoder: its weights are the largest, packing them raises the peak memory.
+        # CPU: these stages' Linears run on oneDNN, weights packed once per loop, GELU fused (models/onednn.py),
+        # for one more copy of their weights; not the decoder's: the largest, they would raise the peak memory.
         self.packed_stages: tuple[str, ...] = ("prior", "vqgan")
 
     # ----------------------------------------------------------------------------- loading
@@ -238,9 +257,7 @@ class WuerstchenPipeline:
     def device(self) -> torch.device:
         return self.placement.device
 
-    def to(
-        self, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None
-    ) -> WuerstchenPipeline:
+    def to(self, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None) -> Self:
         """Move and/or cast every model, as diffusers allows: `to("cuda")`, `to(torch.bfloat16)`,
         `to("cuda", torch.bfloat16)`."""
         self.placement.move(self.modules(), device, dtype)
@@ -258,10 +275,8 @@ class WuerstchenPipeline:
         """Opt-in `torch.compile` (inductor) of the prior, the decoder and the VQGAN's decode; the
         first call at each size compiles (tens of seconds on a CPU). `freeze` and `options`: see
         `Placement.compile`."""
-        fns = {n: m for n in ("prior", "decoder") if (m := getattr(self, n)) is not None}
-        if self.vqgan is not None:
-            fns["vqgan"] = self.vqgan.decode_latents
-        self.placement.compile(fns, freeze, options)
+        fns = {"prior": self.prior, "decoder": self.decoder, "vqgan": self.vqgan and self.vqgan.decode_latents}
+        self.placement.compile({n: f for n, f in fns.items() if f is not None}, freeze, options)
 
     def _placed(self, name: str):
         return self.placement.placed(name, getattr(self, name), packed=name in self.packed_stages)
@@ -310,16 +325,19 @@ class WuerstchenPipeline:
 
     # ----------------------------------------------------------------------------- stages
     def _sample(self, stage: str, make_denoiser: Callable[[Callable], Denoiser], x: Tensor, times: list[float],
-                sampler: str, generator: Generator, pipe_cb: Callable | None,
-                hook: StepHook | None) -> Tensor:  # fmt: skip
+                sampler: str, generator: Generator, pipe_cb: Callable | None, hook: StepHook | None,
+                keep: image_inputs.Keep | None = None) -> Tensor:  # fmt: skip
         """One stage's sampling loop, with diffusers' `callback_on_step_end(pipe, i, t, kwargs)` (which
-        may replace the latents) and our `step_hook(stage, step, total, latents)`."""
+        may replace the latents), our `step_hook(stage, step, total, latents)` and (inpainting) `keep`."""
+        if len(times) < 2:  # image-to-image at strength 0: the image's latent as it is
+            return x
 
         def callback(i: int, t: float, x: Tensor) -> Tensor | None:
+            x = kept = keep(i, x) if keep is not None else x
             replaced = (pipe_cb(None, i, torch.tensor(t), {"latents": x}) or {}).get("latents") if pipe_cb else None
             if hook is not None:
                 hook(stage, i + 1, len(times) - 1, x if replaced is None else replaced)
-            return replaced
+            return kept if replaced is None else replaced
 
         with self._placed(stage) as run:
             denoise = make_denoiser(run)
@@ -338,16 +356,14 @@ class WuerstchenPipeline:
         step_hook: StepHook | None = None, sampler: str = "ddpm", prompt_weighting: bool = True,
         prompt_embeds_pooled: Tensor | None = None, negative_prompt_embeds_pooled: Tensor | None = None,
         images: Any = None, image_embeds: Tensor | None = None, image_weights: Sequence[float] | None = None,
+        image_source: ImageSource | None = None,
     ) -> PriorOutput:
         # fmt: on
-        """Stage C alone: text (and, for Stable Cascade, images) → semantic latents, mapped for Stage B."""
+        """Stage C alone: text (and, for Stable Cascade, images) → semantic latents, mapped for Stage B;
+        from an image's latent where `image_source` says (`image_inputs.prepare`)."""
         if self.prior is None:
             raise UserError("this pipeline has no prior (Stage C): load one to generate from text")
-        prompts = _as_list(prompt, "prompt")
-        if prompts is not None and prompt_embeds is not None:
-            raise UserError("pass either `prompt` or `prompt_embeds`, not both")
-        if prompts is None and prompt_embeds is None:
-            prompts = [""]  # unconditional
+        prompts = _prior_prompts(prompt, prompt_embeds)
         _check_count(num_images_per_prompt)
         height, width = self.check_size(height, width)
         steps = self.prior_part.defaults["prior_steps"] if num_inference_steps is None else num_inference_steps
@@ -362,8 +378,9 @@ class WuerstchenPipeline:
         image = self.prior_part.image_condition(self, images, image_weights, image_embeds, n, cfg)
         shape = self.prior_part.latent_shape(self.prior, n, height, width, self.settings)
         x = _noise(latents, shape, generator, self.device, "`latents`")
+        x, times, keep = image_inputs.begin(self, image_source, "prior", x, times)
         denoiser = lambda run: self.prior_part.denoiser(self.prior, run, text, guidance_scale, image)  # noqa: E731
-        x = self._sample("prior", denoiser, x, times, sampler, generator, callback_on_step_end, step_hook)
+        x = self._sample("prior", denoiser, x, times, sampler, generator, callback_on_step_end, step_hook, keep)
         halves = [tuple(t.chunk(2)[i] for t in text) for i in (0, 1)] if cfg else [text, None]
         return PriorOutput(self.prior_part.to_decoder(x, self.settings), generator, *halves, (height, width))
 
@@ -377,6 +394,7 @@ class WuerstchenPipeline:
         seed: int | None = None, latents: Tensor | None = None, output_type: str = "pil",
         callback_on_step_end: Callable | None = None, step_hook: StepHook | None = None, sampler: str = "ddpm",
         prompt_weighting: bool = True, warn: bool = True, image_size: tuple[int, int] | None = None,
+        image_source: ImageSource | None = None,
     ) -> WuerstchenPipelineOutput:
         # fmt: on
         """Stage B + Stage A alone: semantic latents (B, 16, h, w) → images (of `image_size`, (H, W),
@@ -391,13 +409,7 @@ class WuerstchenPipeline:
         _check_count(num_images_per_prompt)
         steps = self.prior_part.defaults["decoder_steps"] if num_inference_steps is None else num_inference_steps
         times = _check_steps(steps, timesteps, "decoder_timesteps")
-        per_latent = image_embeddings.shape[0]
-        prompts = _as_list(prompt, "prompt")
-        if prompt_embeds is None:
-            prompts = prompts or [""]
-            prompts = prompts * per_latent if len(prompts) == 1 else prompts
-            if len(prompts) != per_latent:
-                raise UserError(f"got {len(prompts)} prompts for {per_latent} semantic latents")
+        prompts = _decoder_prompts(prompt, prompt_embeds, image_embeddings.shape[0])
         negatives, cfg = _as_list(negative_prompt, "negative_prompt"), guidance_scale > 1
         as_text = lambda t: (t,) if isinstance(t, Tensor) else t  # noqa: E731  (a Tensor, or a part's Text)
         text = self.encode_prompt("decoder", prompts, negatives, cfg, num_images_per_prompt, as_text(prompt_embeds),
@@ -406,14 +418,15 @@ class WuerstchenPipeline:
         generator = _generators(generator, seed, semantic.shape[0])
         shape = self.decoder_part.latent_shape(self.decoder, semantic, self.settings, image_size, self.vqgan)
         x = _noise(latents, shape, generator, self.device, "decoder `latents`")
+        x, times, keep = image_inputs.begin(self, image_source, "decoder", x, times)
 
         def denoiser(run: Callable) -> Denoiser:
             return self.decoder_part.denoiser(self.decoder, run, semantic, text, guidance_scale, shape[2:])
 
-        x = self._sample("decoder", denoiser, x, times, sampler, generator, callback_on_step_end, step_hook)
+        x = self._sample("decoder", denoiser, x, times, sampler, generator, callback_on_step_end, step_hook, keep)
         if output_type == "latent":
             return WuerstchenPipelineOutput(x)
-        images = self.decode_latents(x)
+        images = self.decode_latents(x) if image_source is None else image_source.composite(self.decode_latents(x))
         if step_hook is not None:
             step_hook("vqgan", 1, 1, images)
         return WuerstchenPipelineOutput(to_output(images, output_type))
@@ -440,7 +453,8 @@ class WuerstchenPipeline:
         callback_on_step_end: Callable | None = None, step_hook: StepHook | None = None, sampler: str = "ddpm",
         prompt_weighting: bool = True, images: Any = None, image_embeds: Tensor | None = None,
         image_weights: Sequence[float] | None = None, prompt_embeds_pooled: Tensor | None = None,
-        negative_prompt_embeds_pooled: Tensor | None = None,
+        negative_prompt_embeds_pooled: Tensor | None = None, image: Any = None, strength: float | None = None,
+        mask_image: Any = None, decoder_strength: float | None = None,
     ) -> WuerstchenPipelineOutput | tuple:
         # fmt: on
         """Text → images. Arguments as diffusers' `WuerstchenCombinedPipeline`, plus:
@@ -450,9 +464,12 @@ class WuerstchenPipeline:
           encoder (`prompt_embeds` are Stage C's), for Compel and similar libraries;
         - `step_hook(stage, step, total, latents)`: progress/preview/cancel (raise to cancel);
         - `sampler`: "ddpm" (the reference) or "ddim" (deterministic);
-        - `prompt_weighting`: understand `(word:1.3)` / `[word]` (default on).
+        - `prompt_weighting`: understand `(word:1.3)` / `[word]` (default on);
+        - `image`, `strength`, `mask_image` (white = repaint), `decoder_strength`: image-to-image and
+          inpainting (see `wuerstchen.image_inputs`); `images`: Stable Cascade's image conditions.
         """
         _check_output_type(output_type)  # before the prior runs, not after
+        source, height, width = image_inputs.prepare(self, image, mask_image, strength, decoder_strength, height, width)
         prior = self.generate_prior(
             prompt=prompt, height=height, width=width, num_inference_steps=prior_num_inference_steps,
             timesteps=prior_timesteps, guidance_scale=prior_guidance_scale, negative_prompt=negative_prompt,
@@ -461,6 +478,7 @@ class WuerstchenPipeline:
             callback_on_step_end=prior_callback_on_step_end, step_hook=step_hook, sampler=sampler,
             prompt_weighting=prompt_weighting, images=images, image_embeds=image_embeds, image_weights=image_weights,
             prompt_embeds_pooled=prompt_embeds_pooled, negative_prompt_embeds_pooled=negative_prompt_embeds_pooled,
+            image_source=source,
         )  # fmt: skip
         text, neg = _decoder_text(
             self, prior, prompt, negative_prompt, decoder_prompt_embeds, decoder_negative_prompt_embeds,
@@ -471,8 +489,12 @@ class WuerstchenPipeline:
             guidance_scale=decoder_guidance_scale, prompt_embeds=text, negative_prompt_embeds=neg,
             generator=prior.generator, output_type=output_type, callback_on_step_end=callback_on_step_end,
             step_hook=step_hook, sampler=sampler, prompt_weighting=prompt_weighting, image_size=prior.image_size,
+            image_source=source,
         )  # fmt: skip
         return out if return_dict else (out.images,)
+
+    def variations(self, image: Any, num_images: int = 4, prompt: str | None = None, **kwargs: Any) -> Any:
+        return image_inputs.variations(self, image, num_images, prompt, **kwargs)
 
 
 def _decoder_text(pipe: WuerstchenPipeline, prior: PriorOutput, prompt: Any, negative_prompt: Any,

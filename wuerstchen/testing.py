@@ -73,10 +73,23 @@ def randomize(model: nn.Module, seed: int) -> nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def random_pipeline(preset: str = "tiny", seed: int = 0, text_width: int | None = None) -> WuerstchenPipeline:
-    """A whole pipeline of the named preset with random weights (seeded)."""
+def random_semantic(seed: int, affine: bool = True) -> nn.Module:
+    """The tiny semantic compressor (stride 32, 1/42.67 of the image side) with random weights;
+    `affine=False`: Stable Cascade's mapper norm."""
+    from dataclasses import replace
+
+    from .models.semantic import SEMANTIC_PRESETS, SemanticCompressor
+
+    return randomize(SemanticCompressor(replace(SEMANTIC_PRESETS["tiny"], mapper_affine=affine)), seed)
+
+
+def random_pipeline(preset: str = "tiny", seed: int = 0, text_width: int | None = None,
+                    semantic: bool = False) -> WuerstchenPipeline:  # fmt: skip
+    """A whole pipeline of the named preset with random weights (seeded); `semantic`: with the
+    tiny semantic compressor (image inputs)."""
     c, b, a = STAGE_C_PRESETS[preset], STAGE_B_PRESETS[preset], STAGE_A_PRESETS[preset]
     return WuerstchenPipeline(
+        semantic=random_semantic(seed + 6) if semantic else None,
         prior=randomize(StageC(c), seed + 1),
         prior_text_encoder=clip_text_model(seed + 2, text_width or c.c_cond),
         prior_tokenizer=char_tokenizer(),
@@ -88,15 +101,17 @@ def random_pipeline(preset: str = "tiny", seed: int = 0, text_width: int | None 
     )
 
 
-def random_cascade_pipeline(preset: str = "tiny", seed: int = 0) -> WuerstchenPipeline:
+def random_cascade_pipeline(preset: str = "tiny", seed: int = 0, semantic: bool = False) -> WuerstchenPipeline:
     """A Stable Cascade pipeline of the named U-Net presets (`tiny`: tiny-c/tiny-b, `medium`:
     medium-c/medium-b) with random weights: CLIP text towers with projection of the prior's widths
-    (2 layers), the VQGAN of the same preset name, no image encoder."""
+    (2 layers), the VQGAN of the same preset name, no image encoder; `semantic`: with the tiny
+    semantic compressor in Stable Cascade's form (image inputs)."""
     from .models.cascade import CASCADE_PRESETS, CascadeUNet
 
     c, b = CASCADE_PRESETS[f"{preset}-c"], CASCADE_PRESETS[f"{preset}-b"]
     text = clip_text_model(seed + 2, c.clip_text_in_channels, projection=c.clip_text_pooled_in_channels)
     return WuerstchenPipeline(
+        semantic=random_semantic(seed + 6, affine=False) if semantic else None,
         prior=randomize(CascadeUNet(c), seed + 1),
         prior_text_encoder=text,
         prior_tokenizer=char_tokenizer(),
