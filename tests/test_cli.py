@@ -188,3 +188,49 @@ def test_a_crafted_png_is_a_one_line_error(tmp_path: Path, chunk: str, words: st
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png", pnginfo=info)
     code, _out, err = finish(wuerstchen("generate", "--from-png", tmp_path / "x.png", "--output-dir", tmp_path / "o"))
     assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_image_to_image_inpainting_and_variations_from_the_command_line(tmp_path: Path) -> None:
+    """With the shipped model (it has a semantic compressor): each mode writes its PNG, the PNG
+    records the source's hash, and --from-png remakes it only when given the same source again."""
+    from PIL import ImageDraw
+
+    source, mask, small = tmp_path / "in.png", tmp_path / "mask.png", tmp_path / "small.png"
+    Image.new("RGB", (128, 128), (128, 128, 128)).save(source)
+    painted = Image.new("L", (128, 128), 0)
+    ImageDraw.Draw(painted).rectangle([9, 37, 63, 91], fill=255)
+    painted.save(mask)
+    Image.new("L", (64, 64)).save(small)
+    out, fast = tmp_path / "out", ["--prior-steps", "3", "--decoder-steps", "2", "--quiet", "--seed", "3"]
+    runs = {
+        "img2img": wuerstchen("generate", "a blue circle", "--image", source, "--strength", "0.7", "--output-dir",
+                              out / "a", *fast),
+        "inpaint": wuerstchen("generate", "a red star", "--image", source, "--mask", mask, "--output-dir", out / "b",
+                              *fast),
+        "variations": wuerstchen("generate", "--variations", source, "-n", "2", "--output-dir", out / "c", *fast),
+        "mask size": wuerstchen("generate", "a", "--image", source, "--mask", small, "--output-dir", out / "d"),
+        "mask alone": wuerstchen("generate", "a", "--mask", small, "--output-dir", out / "e"),
+    }  # fmt: skip
+    results = {name: finish(proc) for name, proc in runs.items()}
+    for name in ("img2img", "inpaint", "variations"):
+        assert results[name][0] == 0, results[name][2]
+    assert len(results["variations"][1].split()) == 2
+    assert results["mask size"][0] == 2 and "give a mask of the image's size" in results["mask size"][2]
+    assert results["mask alone"][0] == 2 and "--mask needs --image" in results["mask alone"][2]
+    made = Path(results["inpaint"][1].strip())
+    with Image.open(made) as im:
+        params, pixels = json.loads(im.text["wuerstchen"]), np.asarray(im.convert("RGB"))
+        assert "Init image hash" in im.text["parameters"]
+    assert params["image"] and params["mask"] and params["strength"] is None
+    outside = np.asarray(painted) == 0
+    assert (pixels[outside] == 128).all()  # the grey source, untouched outside the mask
+
+    again = ["generate", "--from-png", made, "--output-dir", out / "again", "--quiet"]
+    code, _, err = finish(wuerstchen(*again, "--image", source))
+    assert code == 2 and "pass it again with --mask" in err
+    code, _, err = finish(wuerstchen(*again, "--image", small, "--mask", mask))
+    assert code == 2 and "is not the image" in err
+    code, path, err = finish(wuerstchen(*again, "--image", source, "--mask", mask))
+    assert code == 0, err
+    with Image.open(path.strip()) as im:
+        assert np.array_equal(np.asarray(im.convert("RGB")), pixels)

@@ -3,12 +3,16 @@
     wuerstchen generate "a red circle above a blue square" -n 4 --seed 7
     wuerstchen generate --prompt-file prompts.txt --output-dir out/
     wuerstchen generate --from-png out/00000-7.png        # the same image again
+    wuerstchen generate "a blue circle" --image in.png --strength 0.6   # image-to-image
+    wuerstchen generate "a yellow star" --image in.png --mask mask.png  # inpainting (white = repaint)
+    wuerstchen generate --variations in.png -n 4
 
 Image i of a run gets the seed `seed + i`; its PNG records that seed (and the dtype), so
 `--from-png` regenerates each image alone. File numbers continue after the highest one already in
 the output folder, so a second run never replaces the first run's images. The parameters are
 stored as PNG text chunks: `parameters` in AUTOMATIC1111's format and `wuerstchen` as JSON (what
-`--from-png` reads).
+`--from-png` reads). An image made from an image records that image's hash (and the mask's) and
+the strengths: `--from-png` repeats it when the same source is given again with `--image`.
 """
 
 from __future__ import annotations
@@ -49,6 +53,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decoder-steps", type=int, default=None, help="Stage B steps (default: the model's: 12, or 10)")
     p.add_argument("--decoder-guidance", type=float, default=0.0, help="Stage B guidance scale (≤ 1: off)")
     p.add_argument("--sampler", choices=("ddpm", "ddim"), default="ddpm", help="ddpm (reference) or ddim")
+    p.add_argument("--image", help="start from this image (image-to-image; with --mask: inpainting)")
+    p.add_argument(
+        "--strength", type=float, default=None, help="share of the Stage C steps run from --image (default 0.6; 1: all)"
+    )
+    p.add_argument("--mask", help="inpainting mask for --image, of its size: white = repaint (L, 1 or RGB)")
+    p.add_argument("--decoder-strength", type=float, default=None, help="the same for Stage B (default 1: all)")
+    p.add_argument("--variations", metavar="IMAGE", help="variations of this image (the prompt is optional)")
     p.add_argument("--output-dir", default="outputs", help="folder for the PNGs")
     p.add_argument(
         "--pattern", default="{index:05d}-{seed}.png", help="file name pattern: {index}, {seed}, {prompt} (a slug)"
@@ -64,6 +75,8 @@ def _prompts(args: argparse.Namespace) -> list[str]:
     if args.prompt_file:
         lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
         prompts += [line.strip() for line in lines if line.strip()]
+    if not prompts and args.variations:
+        return [""]
     if not prompts:
         raise UserError("give a prompt, --prompt-file or --from-png")
     return prompts
@@ -86,8 +99,10 @@ def _check_size(value: int | None, name: str, step: int, default: int) -> int:
 
 
 MAX_SIDE, MAX_STEPS, MAX_GUIDANCE = 8192, 1000, 100.0  # beyond these a job is a mistake, not a wish
+MAX_INPUT_PIXELS = 4096 * 4096  # an --image/--mask/--variations file
 JOB_FIELDS = ("prompt", "negative_prompt", "height", "width", "seed", "prior_timesteps", "prior_steps", "prior_shift",
-              "prior_guidance", "decoder_steps", "decoder_guidance", "sampler")  # fmt: skip
+              "prior_guidance", "decoder_steps", "decoder_guidance", "sampler", "image", "mask", "strength",
+              "decoder_strength", "variations")  # fmt: skip
 
 
 def _check_job(job: Any, source: str) -> dict:
@@ -120,6 +135,15 @@ def _check_job(job: Any, source: str) -> dict:
     number("prior_guidance", 0, MAX_GUIDANCE, False)
     number("decoder_steps", 1, MAX_STEPS, True, optional=True)
     number("decoder_guidance", 0, MAX_GUIDANCE, False)
+    number("strength", 0, 1, False, optional=True)
+    number("decoder_strength", 0, 1, False, optional=True)
+    for name in ("image", "mask"):  # the source images' hashes (image_inputs.image_hash)
+        if job.get(name) is not None and not (isinstance(job[name], str) and re.fullmatch(r"[0-9a-f]{16}", job[name])):
+            raise UserError(f"{source}: {name} must be an image hash (16 hex digits), got {str(job[name])[:40]!r}")
+    if job.get("mask") is not None and job.get("image") is None:
+        raise UserError(f"{source}: a mask needs an image")
+    if not isinstance(job.get("variations", False), bool):
+        raise UserError(f"{source}: variations must be true or false")
     if job.get("sampler") not in ("ddpm", "ddim"):
         raise UserError(f"{source}: sampler must be ddpm or ddim, got {job.get('sampler')!r}")
     times = job.get("prior_timesteps")
@@ -128,7 +152,45 @@ def _check_job(job: Any, source: str) -> dict:
         ok = ok and all(isinstance(t, int | float) and not isinstance(t, bool) and 0 <= t <= 1 for t in times)
         if not ok or any(a <= b for a, b in zip(times, times[1:], strict=False)):
             raise UserError(f"{source}: prior_timesteps must be 2 to {MAX_STEPS + 1} decreasing times in [0, 1]")
-    return {k: job.get(k) for k in JOB_FIELDS}
+    job = {k: job.get(k) for k in JOB_FIELDS}
+    job["variations"] = bool(job["variations"])
+    return job
+
+
+def _inputs(args: argparse.Namespace) -> dict[str, Any]:
+    """The --image/--mask/--variations files, read and checked before the model loads."""
+    from ..image_inputs import open_image
+
+    if args.variations and (args.image or args.mask):
+        raise UserError("--variations takes its image itself: drop --image/--mask (or drop --variations)")
+    if args.mask and not args.image:
+        raise UserError("--mask needs --image: the picture to repaint")
+    for flag in ("strength", "decoder_strength"):
+        if getattr(args, flag) is not None and not args.image and not args.variations:
+            raise UserError(f"--{flag.replace('_', '-')} needs --image (or --variations)")
+    out = {}
+    for name, path in (("image", args.image or args.variations), ("mask", args.mask)):
+        if path:
+            try:
+                data = Path(path).read_bytes()
+            except OSError as e:
+                raise UserError(f"cannot read {path}: {e.strerror}") from None
+            out[name] = open_image(data, str(path), MAX_INPUT_PIXELS)
+    return out
+
+
+def _matching(saved: dict, inputs: dict[str, Any], source: str) -> None:
+    """A PNG made from an image is remade from that image only: the given files' hashes must match."""
+    from ..image_inputs import image_hash
+
+    for name, flag, article in (("image", "--image", "an"), ("mask", "--mask", "a")):
+        want, given = saved.get(name), inputs.get(name)
+        if want is None and given is not None:
+            raise UserError(f"{source} was not made from {article} {name}: drop {flag}")
+        if want is not None and given is None:
+            raise UserError(f"{source} was made from {article} {name} (hash {want}): pass it again with {flag}")
+        if want is not None and image_hash(given) != want:
+            raise UserError(f"{flag} is not the {name} {source} was made from (hash {image_hash(given)}, not {want})")
 
 
 def _paths(args: argparse.Namespace, jobs: list[dict], out_dir: Path) -> list[Path]:
@@ -156,6 +218,7 @@ def _paths(args: argparse.Namespace, jobs: list[dict], out_dir: Path) -> list[Pa
 
 def run(args: argparse.Namespace) -> int:
     from ..assets import SHIPPED_MODEL_NAME
+    from ..image_inputs import image_hash
     from ..parts import prior_times
 
     if args.from_png:
@@ -163,6 +226,10 @@ def run(args: argparse.Namespace) -> int:
 
         saved = read_png_parameters(args.from_png)
         jobs = [_check_job(saved, str(args.from_png))]
+        if args.variations:
+            raise UserError("--from-png with a variations PNG: pass its source with --image, not --variations")
+        inputs = _inputs(args)
+        _matching(jobs[0], inputs, str(args.from_png))
         model = saved.get("model")
         if args.model is None and model not in (None, SHIPPED_MODEL_NAME):
             # A PNG never picks what to load or download: the user names the model.
@@ -176,6 +243,8 @@ def run(args: argparse.Namespace) -> int:
         if not args.prior_shift > 0:
             raise UserError("--prior-shift must be > 0 (1: no shift)")
         seed = args.seed if args.seed is not None else random.randrange(2**31)
+        inputs = _inputs(args)
+        hashes = {name: image_hash(im) for name, im in inputs.items()}
         jobs = []
         for prompt in _prompts(args):
             for _ in range(args.num_images):
@@ -194,6 +263,10 @@ def run(args: argparse.Namespace) -> int:
                             decoder_steps=args.decoder_steps,
                             decoder_guidance=args.decoder_guidance,
                             sampler=args.sampler,
+                            strength=args.strength,
+                            decoder_strength=args.decoder_strength,
+                            variations=bool(args.variations),
+                            **hashes,
                         ),
                         "the command line",
                     )
@@ -226,12 +299,21 @@ def run(args: argparse.Namespace) -> int:
     step, native = pipe.size_step, pipe.settings.default_size
     model_name = args.model if args.model is not None else SHIPPED_MODEL_NAME
     for job, path in zip(jobs, paths, strict=True):
-        height = _check_size(job["height"], "height", step, native)
-        width = _check_size(job["width"], "width", step, native)
+        sized = "image" not in inputs or job["height"] is not None  # else the image's size, snapped
+        height = _check_size(job["height"], "height", step, native) if sized else None
+        width = _check_size(job["width"], "width", step, native) if sized or job["width"] is not None else None
         times = job["prior_timesteps"] or prior_times(pipe.prior_part, job["prior_steps"], job.get("prior_shift", 1))
         decoder_steps = job.get("decoder_steps") or pipe.prior_part.defaults["decoder_steps"]
-        image = pipe(
-            job["prompt"],
+        run = pipe.variations if job["variations"] else pipe
+        given = {"image": inputs["image"]} if "image" in inputs else {}
+        if "mask" in inputs:
+            given["mask_image"] = inputs["mask"]
+        for name in ("strength", "decoder_strength"):
+            if job[name] is not None:
+                given[name] = job[name]
+        image = run(
+            *([inputs["image"], 1] if job["variations"] else []),
+            prompt=job["prompt"],
             negative_prompt=job["negative_prompt"],
             height=height,
             width=width,
@@ -242,11 +324,12 @@ def run(args: argparse.Namespace) -> int:
             seed=job["seed"],
             sampler=job["sampler"],
             step_hook=hook,
+            **({k: v for k, v in given.items() if k != "image"} if job["variations"] else given),
         ).images[0]
         params = dict(
             job,
-            height=height,
-            width=width,
+            height=image.height,
+            width=image.width,
             prior_timesteps=times,
             decoder_steps=decoder_steps,
             model=str(model_name),

@@ -50,6 +50,9 @@ def a1111_parameters(p: dict[str, Any]) -> str:
         f"Size: {p['width']}x{p['height']}, Model: {p['model']}, Decoder steps: {p['decoder_steps']}, "
         f"Decoder CFG scale: {p['decoder_guidance']}"
     )
+    if p.get("image"):  # A1111's img2img fields (a strength not given is the call's default)
+        lines[-1] += f", Denoising strength: {p['strength']}" if p.get("strength") is not None else ""
+        lines[-1] += f", Init image hash: {p['image']}" + (f", Mask hash: {p['mask']}" if p.get("mask") else "")
     return "\n".join(lines)
 
 
