@@ -69,9 +69,9 @@ def cascade_reference(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_folder(tmp_path_factory):
-    """A pipeline folder with our own tiny random weights (native size 128)."""
+    """A pipeline folder with our own tiny random weights (native size 128), semantic compressor included."""
     from wuerstchen.testing import random_pipeline
 
     folder = tmp_path_factory.mktemp("tiny") / "model"
-    random_pipeline("tiny", seed=1).save_pretrained(folder)
+    random_pipeline("tiny", seed=1, semantic=True).save_pretrained(folder)  # with a compressor: image inputs
     return folder

@@ -26,6 +26,8 @@ import pytest
 import torch
 from PIL import Image
 
+from wuerstchen.image_inputs import image_hash
+
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
@@ -147,6 +149,118 @@ def test_openai_client(server: str) -> None:
     assert status == 200 and png(data).size == (128, 128)
     with pytest.raises(openai.UnprocessableEntityError, match="multiples of 128"):
         client.images.generate(prompt="a red circle", size="200x200", extra_body=FAST)
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_openai_client_edits_and_variations(server: str) -> None:
+    """images.edit (OpenAI's mask: transparent = repaint) and images.create_variation, unchanged."""
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=server + "/v1", api_key="anything", max_retries=0)
+    source = Image.new("RGB", (128, 128), (128, 128, 128))
+    mask = Image.new("RGBA", (128, 128), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 64, 128))  # the left half transparent: repaint it
+    result = client.images.edit(image=("in.png", png_bytes(source)), mask=("mask.png", png_bytes(mask)),
+                                prompt="a red circle", n=2, extra_body={**FAST, "seed": 3})  # fmt: skip
+    assert len(result.data) == 2
+    for item in result.data:
+        out = np.asarray(png(base64.b64decode(item.b64_json)).convert("RGB"))
+        assert out.shape == (128, 128, 3) and (out[:, 64:] == 128).all()  # outside the mask: the source
+    opaque = client.images.edit(image=("in.png", png_bytes(source)), prompt="a red circle", size="128x128",
+                                extra_body={**FAST, "strength": 0.5})  # fmt: skip
+    assert png(base64.b64decode(opaque.data[0].b64_json)).size == (128, 128)  # image-to-image
+    varied = client.images.create_variation(image=("in.png", png_bytes(source)), n=2, response_format="url")
+    assert len(varied.data) == 2
+    status, data = call(varied.data[0].url)
+    with png(data) as im:
+        params = json.loads(im.text["wuerstchen"])
+    assert status == 200 and params["variations"] is True and params["image"] == image_hash(source)
+
+
+def test_native_jobs_take_base64_images(server: str) -> None:
+    source = Image.new("RGB", (128, 128), (30, 80, 230))
+    mask = Image.new("L", (128, 128), 0)
+    mask.paste(255, (0, 0, 128, 40))
+    body = {"prompt": "a", "image": "data:image/png;base64," + base64.b64encode(png_bytes(source)).decode(),
+            "mask": base64.b64encode(png_bytes(mask)).decode(), **FAST}  # fmt: skip
+    status, job = call(server + "/api/jobs", body)
+    assert status == 202, job
+    job = wait_for(server, job["id"], ("done", "failed"))
+    assert job["state"] == "done" and job["params"]["mask"] == image_hash(mask)
+    out = np.asarray(png(call(server + job["images"][0]["url"])[1]).convert("RGB"))
+    assert (out[40:] == (30, 80, 230)).all()
+
+
+def multipart(files: dict[str, bytes], fields: dict[str, str] | None = None) -> tuple[bytes, str]:
+    boundary = "testboundary7"
+    parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+             for k, v in (fields or {}).items()]  # fmt: skip
+    for name, data in files.items():
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{name}.png"\r\n'
+        parts.append(head.encode() + b"Content-Type: image/png\r\n\r\n" + data + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def post_form(url: str, files: dict[str, bytes], fields: dict[str, str] | None = None) -> tuple[int, Any]:
+    data, kind = multipart(files, fields)
+    req = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": kind})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_malformed_uploads_get_a_4xx_and_the_server_keeps_serving(server: str) -> None:
+    image = png_bytes(Image.new("RGB", (128, 128)))
+    small_mask = png_bytes(Image.new("RGBA", (64, 64)))
+    huge = png_bytes(Image.new("L", (5000, 4000)))  # 20 MP, over the 16.7 MP limit (a small file: one colour)
+    cases = [
+        ("edits", {"image": b"not an image"}, {"prompt": "a"}, 400, "not an image PIL can read"),
+        ("edits", {"image": huge}, {"prompt": "a"}, 400, "at most 16777216 pixels"),
+        ("edits", {"image": image, "mask": small_mask}, {"prompt": "a"}, 400, "send a mask of the image's size"),
+        ("edits", {"image": image, "mask": image}, {"prompt": "a"}, 400, "PNG with transparency"),
+        ("edits", {"image": image}, {"prompt": "a", "n": "two"}, 422, "n must be an integer"),
+        ("edits", {"image": image}, {"prompt": "a", "strength": "2"}, 422, "strength must be from 0 to 1"),
+        ("edits", {}, {"prompt": "a"}, 400, "multipart file `image`"),
+        ("variations", {"image": image, "other": image}, {}, 400, "unexpected file field"),
+    ]
+    for endpoint, files, fields, status, words in cases:
+        got, answer = post_form(f"{server}/v1/images/{endpoint}", files, fields)
+        assert got == status and words in answer["error"]["message"], (endpoint, words, answer)
+    got, answer = call(server + "/v1/images/edits", {"prompt": "a"})
+    assert got == 400 and "multipart/form-data" in answer["error"]["message"]
+    import http.client
+
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/v1/images/edits")
+    conn.putheader("Content-Length", str(2 * (8 << 20) * 4 // 3 + (1 << 20) + 1))  # refused before it is sent
+    conn.endheaders()
+    response = conn.getresponse()
+    assert response.status == 413 and b"larger than" in response.read()
+    conn.close()
+    got, answer = call(server + "/api/jobs", {"prompt": "a", "image": "%%%"})
+    assert got == 400 and "not base64" in answer["error"]["message"]
+    assert call(server + "/health")[0] == 200
+
+
+def test_a_chunked_body_over_the_limit_is_refused(server: str) -> None:
+    """No Content-Length: the bytes are counted as they arrive."""
+    import http.client
+
+    host, port = server.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    chunks = (b"x" * 65536 for _ in range(40))  # 2.5 MB to a 1 MB path
+    conn.request("POST", "/v1/images/generations", body=chunks, headers={"Content-Type": "application/json"},
+                 encode_chunked=True)  # fmt: skip
+    response = conn.getresponse()
+    assert response.status == 413 and b"larger than" in response.read()
+    conn.close()
 
 
 BAD_REQUESTS = [

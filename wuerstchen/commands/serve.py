@@ -35,6 +35,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prompt-chars", type=int, default=2000, help="longest prompt (and negative prompt)")
     g.add_argument("--max-guidance", type=float, default=30.0, help="largest guidance scale")
     g.add_argument("--max-queue", type=int, default=16, help="most jobs waiting; more are answered 429")
+    g.add_argument("--max-upload-mb", type=float, default=8.0, help="largest uploaded image or mask file (MB)")
+    g.add_argument("--max-upload-pixels", type=int, default=4096 * 4096, help="largest uploaded image, width × height")
     p.add_argument("--keep-jobs", type=int, default=100, help="finished jobs (and their images) kept in memory")
     p.add_argument("--output-dir", default=None, help="also keep every image here (default: a temporary folder)")
     p.add_argument("--no-preview", action="store_true", help="no Stage C previews (they cost one small fit at start)")
@@ -70,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if not args.max_guidance >= 0:
         raise UserError("--max-guidance must be ≥ 0")
+    if not (0 < args.max_upload_mb <= 1024 and 0 < args.max_upload_pixels <= 10**9):
+        raise UserError("--max-upload-mb must be in (0, 1024] and --max-upload-pixels from 1 to 10⁹")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be from 0 to 65535, got {args.port}")
     sock = _listen(args.host, args.port)
@@ -88,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         max_prompt_chars=args.max_prompt_chars,
         max_guidance=args.max_guidance,
         max_queue=args.max_queue,
+        max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
+        max_upload_pixels=args.max_upload_pixels,
     )
     output_dir = Path(args.output_dir) if args.output_dir else None
     app = create_app(pipe, args.model, limits, output_dir, args.keep_jobs, preview=not args.no_preview)

@@ -6,6 +6,8 @@
 
 Endpoints (see docs/serve.md for examples):
 - `POST /v1/images/generations`: OpenAI-compatible; waits for the images.
+- `POST /v1/images/edits`, `POST /v1/images/variations`: OpenAI's multipart uploads (`image`, `mask`:
+  transparent = repaint); an opaque image without a mask is image-to-image at `strength`.
 - `POST /api/jobs` → `{"id": ...}`; `GET /api/jobs/{id}`; `GET /api/jobs/{id}/events` (Server-Sent
   Events: state, progress per step, Stage C previews); `POST /api/jobs/{id}/cancel`.
 - `GET /api/images/{job}/{i}.png`: the PNG, with its generation parameters in text chunks.
@@ -18,6 +20,7 @@ import asyncio
 import base64
 import json
 import logging
+import math
 import random
 import re
 import secrets
@@ -35,9 +38,12 @@ from typing import Any, Literal
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..errors import UserError
+from ..image_inputs import image_hash, mask_from_alpha, open_image, prepare
 from ..io.png import save_png
 from ..parts import prior_times
 from ..pipeline import WuerstchenPipeline
@@ -49,6 +55,7 @@ logger = logging.getLogger(__name__)
 TERMINAL = ("done", "failed", "cancelled")
 MAX_SEED = 2**32 - 1
 MAX_BODY = 1 << 20  # bytes: a request is a prompt and a few numbers
+UPLOAD_PATHS = ("/api/jobs", "/v1/images/edits", "/v1/images/variations")  # these may carry images
 
 
 @dataclass(frozen=True)
@@ -61,6 +68,8 @@ class Limits:
     max_prompt_chars: int = 2000
     max_guidance: float = 30.0
     max_queue: int = 16  # jobs waiting (not counting the running one)
+    max_upload_bytes: int = 8 << 20  # one uploaded image (or mask) file
+    max_upload_pixels: int = 4096 * 4096  # its width × height, read from its header before decoding
 
 
 class ApiError(Exception):
@@ -91,6 +100,11 @@ class JobRequest(BaseModel):
     decoder_steps: int | None = None  # None: the model's (v2 12, Stable Cascade 10)
     decoder_guidance: float = 0.0
     sampler: Literal["ddpm", "ddim"] = "ddpm"
+    image: str | None = None  # base64 (or a data: URL) of a PNG/JPEG/WebP: image-to-image, inpainting
+    mask: str | None = None  # the same, of the image's size: white = repaint
+    strength: float | None = None  # share of the Stage C steps run from the image (default 0.6; masks 1)
+    decoder_strength: float | None = None
+    variations: bool = False  # variations of `image` (the prompt may be empty)
 
 
 class OpenAIImageRequest(BaseModel):
@@ -110,6 +124,8 @@ class OpenAIImageRequest(BaseModel):
     decoder_steps: int | None = None
     decoder_guidance: float = 0.0
     sampler: Literal["ddpm", "ddim"] = "ddpm"
+    strength: float | None = None  # edits: image-to-image of an opaque image without a mask
+    decoder_strength: float | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +143,11 @@ class JobParams:
     decoder_steps: int
     decoder_guidance: float
     sampler: str
+    image: str | None = None  # the source image's hash (`image_inputs.image_hash`), as PNGs record it
+    mask: str | None = None
+    strength: float | None = None
+    decoder_strength: float | None = None
+    variations: bool = False
 
 
 def size_presets(native: int, step: int, max_side: int) -> list[tuple[int, int]]:
@@ -146,11 +167,19 @@ def default_side(pipe: WuerstchenPipeline, limits: Limits) -> int:
 
 
 def check_params(
-    req: JobRequest | OpenAIImageRequest, limits: Limits, pipe: WuerstchenPipeline
+    req: JobRequest | OpenAIImageRequest,
+    limits: Limits,
+    pipe: WuerstchenPipeline,
+    inputs: dict[str, Any] | None = None,
+    variations: bool = False,
 ) -> tuple[JobParams, str]:
     """Check every field against the limits (ApiError 400/422 with a message saying what works);
-    returns the job parameters and the OpenAI response format."""
+    returns the job parameters and the OpenAI response format. `inputs`: the request's decoded
+    images ("image", "mask"); without a size the output has the image's, snapped to the size step."""
     step, native = pipe.size_step, default_side(pipe, limits)
+    inputs = inputs or {}
+    source = inputs.get("image")
+    own = (source.width - source.width % step, source.height - source.height % step) if source else (native, native)
 
     def bad(param: str, message: str) -> ApiError:
         return ApiError(422, message, param)
@@ -173,7 +202,7 @@ def check_params(
             raise ApiError(400, f"response_format {fmt!r} is not supported: use 'b64_json' or 'url'", "response_format")
         if req.output_format not in (None, "png"):
             raise ApiError(400, f"output_format {req.output_format!r} is not supported: only 'png'", "output_format")
-        width = height = native
+        width, height = own
         if req.size not in (None, "auto"):
             m = re.fullmatch(r"\s*(\d{1,6})\s*[x×]\s*(\d{1,6})\s*", req.size)
             if m is None:
@@ -181,8 +210,8 @@ def check_params(
             width, height = int(m[1]), int(m[2])
         num_images, size_param, n_param = 1 if req.n is None else req.n, "size", "n"
     else:
-        width = native if req.width is None else req.width
-        height = native if req.height is None else req.height
+        width = own[0] if req.width is None else req.width
+        height = own[1] if req.height is None else req.height
         num_images, size_param, n_param = req.num_images, "width/height", "num_images"
 
     for side in (width, height):
@@ -205,6 +234,23 @@ def check_params(
             raise bad(name, f"{name} must be from 0 to {limits.max_guidance} (≤ 1 turns guidance off), got {value}")
     if req.seed is not None and not 0 <= req.seed <= MAX_SEED - limits.max_images:
         raise bad("seed", f"seed must be from 0 to {MAX_SEED - limits.max_images}, got {req.seed}")
+    for name in ("strength", "decoder_strength"):
+        value = getattr(req, name)
+        if value is not None and not 0 <= value <= 1:
+            raise bad(name, f"{name} must be from 0 to 1 (the share of the steps run from the image), got {value}")
+        if value is not None and source is None:
+            raise bad(name, f"{name} needs an image")
+    variations = variations or bool(getattr(req, "variations", False))
+    if source is not None:
+        try:  # the library's own checks (mask size and mode, a semantic compressor), before the queue
+            needs_compressor = not (variations and pipe.image_encoder is not None)
+            if needs_compressor and pipe.semantic is None:
+                raise UserError("this model has no semantic compressor: it takes no image to start from")
+            prepare(pipe, source, inputs.get("mask"), req.strength, req.decoder_strength, height, width)
+        except UserError as e:
+            raise ApiError(400, str(e), "mask" if "mask" in str(e) else "image") from None
+    elif variations:
+        raise bad("image", "variations need an image")
     params = JobParams(
         prompt=req.prompt,
         negative_prompt=req.negative_prompt or None,
@@ -217,8 +263,38 @@ def check_params(
         decoder_steps=req.decoder_steps or pipe.prior_part.defaults["decoder_steps"],
         decoder_guidance=float(req.decoder_guidance),
         sampler=req.sampler,
+        image=image_hash(source) if source is not None else None,
+        mask=image_hash(inputs["mask"]) if inputs.get("mask") is not None else None,
+        strength=req.strength,
+        decoder_strength=req.decoder_strength,
+        variations=variations,
     )
     return params, fmt
+
+
+def read_image(data: bytes, name: str, limits: Limits) -> Image.Image:
+    """An uploaded image file, checked (ApiError 413/400): within the byte and pixel limits, readable."""
+    if len(data) > limits.max_upload_bytes:
+        raise ApiError(413, f"{name} is larger than {limits.max_upload_bytes} bytes: send a smaller file", name)
+    if not data:
+        raise ApiError(400, f"{name} is empty: send a PNG, JPEG or WebP file", name)
+    try:
+        return open_image(data, name, limits.max_upload_pixels)
+    except UserError as e:
+        raise ApiError(400, str(e), name) from None
+
+
+def b64_image(text: str, name: str, limits: Limits) -> Image.Image:
+    """A base64 (or data: URL) image from a JSON body, checked as an upload is."""
+    if text.startswith("data:"):
+        text = text.partition(",")[2]
+    if len(text) > limits.max_upload_bytes * 4 // 3 + 8:
+        raise ApiError(413, f"{name} is larger than {limits.max_upload_bytes} bytes: send a smaller image", name)
+    try:
+        data = base64.b64decode(text, validate=True)
+    except ValueError:
+        raise ApiError(400, f"{name} is not base64: send the file's bytes base64-encoded", name) from None
+    return read_image(data, name, limits)
 
 
 # ----------------------------------------------------------------------------- jobs
@@ -241,6 +317,7 @@ class Job:
     preview: dict[str, Any] | None = None
     preview_seq: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    inputs: dict[str, Any] = field(default_factory=dict, repr=False)  # "image", "mask": PIL images
 
     def emit(self, name: str, data: dict[str, Any]) -> None:
         with self.lock:
@@ -328,13 +405,13 @@ class JobQueue:
         if self._temp is not None:
             shutil.rmtree(self._temp, ignore_errors=True)
 
-    def submit(self, params: JobParams) -> Job:
+    def submit(self, params: JobParams, inputs: dict[str, Any] | None = None) -> Job:
         with self._lock:
             if self.queued() >= self.limits.max_queue:
                 waiting = self.limits.max_queue
                 raise ApiError(429, f"the queue is full ({waiting} jobs waiting): retry later", kind="busy")
             seed = params.seed if params.seed is not None else random.randrange(MAX_SEED - self.limits.max_images)
-            job = Job(secrets.token_hex(6), params, seed)
+            job = Job(secrets.token_hex(6), params, seed, inputs=dict(inputs or {}))
             job.emit("state", {"state": "queued", "position": self.queued()})
             self._jobs[job.id] = job
             self._lock.notify_all()
@@ -442,7 +519,19 @@ class JobQueue:
 
         if job.cancel.is_set():
             raise JobCancelled
-        images = pipe(
+        given: dict[str, Any] = {k: v for k, v in (("strength", p.strength), ("decoder_strength", p.decoder_strength))
+                                 if v is not None}  # fmt: skip
+        if "mask" in job.inputs:
+            given["mask_image"] = job.inputs["mask"]
+        if not p.variations and "image" in job.inputs:
+            given["image"] = job.inputs["image"]
+
+        def run(prompt: str, num_images_per_prompt: int, **kw: Any) -> Any:
+            if p.variations:
+                return pipe.variations(job.inputs["image"], num_images_per_prompt, prompt, **kw)
+            return pipe(prompt, num_images_per_prompt=num_images_per_prompt, **kw)
+
+        images = run(
             p.prompt,
             negative_prompt=p.negative_prompt,
             height=p.height,
@@ -455,6 +544,7 @@ class JobQueue:
             seed=job.seed,
             sampler=p.sampler,
             step_hook=hook,
+            **given,
         ).images
         files = []
         for i, image in enumerate(images):
@@ -473,6 +563,11 @@ class JobQueue:
                 sampler=p.sampler,
                 model=self.model,
                 dtype=self.dtype,
+                image=p.image,
+                mask=p.mask,
+                strength=p.strength,
+                decoder_strength=p.decoder_strength,
+                variations=p.variations,
             )
             path = self.output_dir / f"{job.id}-{i}-{job.seed + i}.png"
             save_png(image, path, params)
@@ -488,20 +583,53 @@ def _error(status: int, message: str, param: str | None = None, kind: str = "inv
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+class _TooLarge(StarletteHTTPException):
+    """A body that grew past its limit while it was read: an HTTP error, so that FastAPI's body
+    parsing passes it on as it is (it turns other exceptions into a 400)."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"the request body is larger than {limit} bytes: send less")
+
+
 class BodyLimit:
-    """Refuse a body over MAX_BODY by its Content-Length. A plain ASGI middleware: FastAPI's
+    """Refuse a body over its limit: MAX_BODY, or on the paths that take images room for two
+    uploads (`upload`). By its Content-Length before reading, and by counting the bytes as they
+    arrive (a chunked body has no length). A plain ASGI middleware: FastAPI's
     `@app.middleware("http")` would also wrap (and on shutdown, break) the event streams."""
 
-    def __init__(self, app: Any) -> None:
-        self.app = app
+    def __init__(self, app: Any, upload: int = MAX_BODY) -> None:
+        self.app, self.upload = app, upload
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
-            length = dict(scope["headers"]).get(b"content-length", b"")
-            if length.isdigit() and int(length) > MAX_BODY:
-                await _error(413, f"the request body is larger than {MAX_BODY} bytes")(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.upload if scope.get("path") in UPLOAD_PATHS else MAX_BODY
+        too_large = _error(413, f"the request body is larger than {limit} bytes: send less")
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > limit:
+            await too_large(scope, receive, send)
+            return
+        seen, started = 0, False
+
+        async def counted() -> dict[str, Any]:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                raise _TooLarge(limit)
+            return message
+
+        async def sending(message: dict[str, Any]) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, sending)
+        except _TooLarge:
+            if not started:  # else the app's handler has answered it already
+                await too_large(scope, receive, send)
 
 
 def _validation_error(exc: RequestValidationError) -> JSONResponse:
@@ -516,6 +644,72 @@ def _validation_error(exc: RequestValidationError) -> JSONResponse:
         msg = "unknown field" if e.get("type") == "extra_forbidden" else e.get("msg", "invalid")
         parts.append(f"{loc}: {msg}")
     return _error(422, "; ".join(parts), param=str(errors[0].get("loc", ["body"])[-1]) if errors else None)
+
+
+FORM_NUMBERS = {"n": int, "seed": int, "prior_steps": int, "decoder_steps": int, "prior_guidance": float,
+                "decoder_guidance": float, "strength": float, "decoder_strength": float}  # fmt: skip
+
+
+async def read_form(request: Request, limits: Limits, names: tuple[str, ...]) -> tuple[dict[str, str], dict[str, Any]]:
+    """A multipart/form-data body as OpenAI's client sends it: text fields, and the image files
+    `names` (also as `name[]`, the client's form for lists: one is taken) read within the limits."""
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise ApiError(400, "send multipart/form-data (the image as a file), as OpenAI's images endpoints take it")
+    try:
+        form = await request.form(max_files=len(names) + 1, max_fields=32, max_part_size=64 << 10)
+    except _TooLarge:
+        raise
+    except Exception as e:  # a malformed body, too many parts, a field over 64 kB
+        detail = getattr(e, "detail", None) or type(e).__name__
+        raise ApiError(400, f"the multipart body cannot be read: {detail}") from None
+    fields: dict[str, str] = {}
+    files: dict[str, Any] = {}
+    try:
+        for key, value in form.multi_items():
+            name = key.removesuffix("[]")
+            if isinstance(value, str):
+                fields[name] = value
+            elif name in names and name not in files:
+                data = await value.read(limits.max_upload_bytes + 1)
+                files[name] = read_image(data, name, limits)
+            elif name not in names:
+                raise ApiError(400, f"unexpected file field {name!r}: send {' and '.join(names)}", name)
+    finally:
+        await form.close()
+    return fields, files
+
+
+def form_request(fields: dict[str, str]) -> OpenAIImageRequest:
+    """Text form fields → the request model (numbers parsed here: a form has only strings)."""
+    values: dict[str, Any] = {}
+    for key, text in fields.items():
+        kind = FORM_NUMBERS.get(key)
+        if kind is None:
+            values[key] = text
+            continue
+        try:
+            number = kind(text)
+        except ValueError:
+            raise ApiError(422, f"{key} must be {'an integer' if kind is int else 'a number'}, got {text[:40]!r}",
+                           key) from None  # fmt: skip
+        if kind is float and not math.isfinite(number):
+            raise ApiError(422, f"{key} must be a finite number, got {text[:40]!r}", key)
+        values[key] = number
+    if "prompt" not in values:
+        raise ApiError(400, "send a `prompt` field", "prompt")
+    try:
+        return OpenAIImageRequest(**values)
+    except ValidationError as e:
+        first = e.errors()[0]
+        raise ApiError(422, f"{'.'.join(map(str, first['loc']))}: {first['msg']}", str(first["loc"][-1])) from None
+
+
+def _openai_mask(mask: Image.Image) -> Image.Image:
+    """An OpenAI mask (transparent = repaint) → ours (an L mask, white = repaint)."""
+    if "A" not in mask.getbands():
+        raise ApiError(400, "the mask must be a PNG with transparency: its transparent pixels are the region to edit",
+                       "mask")  # fmt: skip
+    return mask_from_alpha(mask)
 
 
 def create_app(
@@ -554,7 +748,7 @@ def create_app(
     async def _http(_r: Request, e: StarletteHTTPException) -> JSONResponse:
         return _error(e.status_code, str(e.detail))
 
-    app.add_middleware(BodyLimit)
+    app.add_middleware(BodyLimit, upload=2 * limits.max_upload_bytes * 4 // 3 + MAX_BODY)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def ui() -> HTMLResponse:
@@ -593,8 +787,9 @@ def create_app(
 
     @app.post("/api/jobs", status_code=202)
     async def submit(body: JobRequest) -> dict[str, Any]:
-        params, _ = check_params(body, limits, pipe)
-        job = jobs.submit(params)
+        inputs = {name: b64_image(text, name, limits) for name in ("image", "mask") if (text := getattr(body, name))}
+        params, _ = check_params(body, limits, pipe, inputs)
+        job = jobs.submit(params, inputs)
         return job.to_json(position=jobs.position(job))
 
     @app.get("/api/jobs/{job_id}")
@@ -651,7 +846,41 @@ def create_app(
     @app.post("/v1/images/generations")
     async def generations(body: OpenAIImageRequest, request: Request) -> JSONResponse:
         params, fmt = check_params(body, limits, pipe)
-        job = jobs.submit(params)
+        return await answer(jobs.submit(params), fmt, request)
+
+    @app.post("/v1/images/edits")
+    async def edits(request: Request) -> JSONResponse:
+        """OpenAI's images.edit: `image` (+ `mask`, transparent = repaint; without one the image's
+        own transparency, and an opaque image is image-to-image at `strength`)."""
+        fields, files = await read_form(request, limits, ("image", "mask"))
+        image = files.get("image")
+        if image is None:
+            raise ApiError(400, "send the image to edit as the multipart file `image`", "image")
+        inputs = {"image": image.convert("RGB")}
+        if "mask" in files:
+            inputs["mask"] = _openai_mask(files["mask"])
+        elif "A" in image.getbands() and image.getchannel("A").getextrema()[0] < 255:
+            inputs["mask"] = mask_from_alpha(image)  # OpenAI: without a mask, the image's transparent pixels
+        if inputs["image"].size != getattr(inputs.get("mask"), "size", inputs["image"].size):
+            (w, h), (mw, mh) = inputs["image"].size, inputs["mask"].size
+            raise ApiError(400, f"the mask is {mw}×{mh} px but the image is {w}×{h}: send a mask of the image's size",
+                           "mask")  # fmt: skip
+        params, fmt = check_params(form_request(fields), limits, pipe, inputs)
+        return await answer(jobs.submit(params, inputs), fmt, request)
+
+    @app.post("/v1/images/variations")
+    async def variations(request: Request) -> JSONResponse:
+        """OpenAI's images.create_variation: `image`, `n`, `size`, `response_format`."""
+        fields, files = await read_form(request, limits, ("image",))
+        if "image" not in files:
+            raise ApiError(400, "send the image as the multipart file `image`", "image")
+        inputs = {"image": files["image"].convert("RGB")}
+        body = form_request({"prompt": "", **fields})
+        params, fmt = check_params(body, limits, pipe, inputs, variations=True)
+        return await answer(jobs.submit(params, inputs), fmt, request)
+
+    async def answer(job: Job, fmt: str, request: Request) -> JSONResponse:
+        """Wait for an OpenAI request's job, and answer as OpenAI does."""
         while not job.done.is_set():
             if jobs.closing:
                 return _error(503, "the server is shutting down", kind="server_error")
