@@ -95,6 +95,49 @@ def test_empty_prompt_generates_unconditionally(page) -> None:
     assert page.locator("#error").inner_text() == ""
 
 
+def test_inpainting_from_the_page(page, tmp_path: Path) -> None:
+    """Pick an image, paint a mask with the brush (and erase part of it), generate: the result keeps
+    every pixel outside the painted region."""
+    import io
+    import urllib.request
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.zeros((128, 128, 3), dtype=np.uint8)
+    pixels[..., 0] = np.arange(128, dtype=np.uint8)[None, :] * 2  # a gradient: any shift would show
+    pixels[..., 2] = 90
+    Image.fromarray(pixels).save(tmp_path / "source.png")
+    page.set_input_files("#image_file", str(tmp_path / "source.png"))
+    page.locator("#source_tools").wait_for(state="visible")
+    assert page.input_value("#width") == "128" and page.input_value("#height") == "128"  # the image's size
+    box = page.locator("#mask").bounding_box()
+    at = lambda fx, fy: (box["x"] + fx * box["width"], box["y"] + fy * box["height"])  # noqa: E731
+    page.mouse.move(*at(0.15, 0.15))
+    page.mouse.down()
+    for i in range(1, 11):  # a stroke down the left third
+        page.mouse.move(*at(0.2, 0.15 + 0.07 * i))
+    page.mouse.up()
+    page.check("#eraser")
+    page.mouse.click(*at(0.2, 0.85))  # erase the stroke's end again
+    page.check("#brush")
+    assert page.locator("#strength_value").inner_text() == "1.00"  # painting a mask: repaint from noise
+    fill(page, prompt="a yellow star", num_images="1", seed="5", prior_steps="2", decoder_steps="2")
+    page.click("#generate")
+    card = page.locator(".job").first
+    card.locator(".state.done").wait_for(timeout=60_000)
+    result = card.locator("img.result").first
+    result.wait_for(timeout=30_000)
+    assert "inpainting" in card.locator("header .muted").inner_text()
+    url = result.evaluate("i => i.src")
+    with urllib.request.urlopen(url, timeout=30) as r:
+        out = np.asarray(Image.open(io.BytesIO(r.read())).convert("RGB"))
+    assert out.shape == (128, 128, 3)
+    assert np.array_equal(out[:, 64:], pixels[:, 64:])  # right of the stroke (brush 24 px wide): the source
+    assert not np.array_equal(out[:, :64], pixels[:, :64])  # the stroke was repainted
+    page.click("#remove_image")
+
+
 def test_cancel_from_the_page(page) -> None:
     page.fill("#prompt", "a long one")
     fill(page, num_images="8", prior_steps="200", decoder_steps="200")

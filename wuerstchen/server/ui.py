@@ -1,6 +1,7 @@
 """The web UI: one self-contained HTML page (no build step, no CDN) served at `/` by the API app.
 
-It is a client of the public API only: `GET /api/info` for presets and limits, `POST /api/jobs`,
+It is a client of the public API only: `GET /api/info` for presets and limits, `POST /api/jobs`
+(with a base64 source image and a painted mask for image-to-image, inpainting and variations),
 `GET /api/jobs/{id}/events` (Server-Sent Events) for progress and the Stage C preview, and
 `POST /api/jobs/{id}/cancel`. Gradio was the other option; it pins an older Pillow, brings ~230 MB
 of dependencies and its own queue, which would duplicate the job queue this server already has.
@@ -59,6 +60,15 @@ figure { margin: 0; display: flex; flex-direction: column; gap: .25rem; }
 figure img { width: 256px; max-width: 100%; border-radius: 6px; display: block; image-rendering: auto; }
 figcaption { display: flex; gap: .5rem; align-items: center; font-size: .8rem; }
 figcaption button { padding: .05rem .4rem; font-size: .8rem; }
+#drop { border: 1px dashed var(--line); border-radius: 8px; padding: .6rem; text-align: center; color: var(--muted); }
+#drop.over { border-color: var(--accent); }
+#canvases { position: relative; display: inline-block; max-width: 100%; line-height: 0; }
+#canvases canvas { max-width: 100%; border-radius: 6px; }
+#mask { position: absolute; left: 0; top: 0; width: 100%; height: 100%; opacity: .55; cursor: crosshair;
+        touch-action: none; }
+.tools { display: flex; gap: .4rem; align-items: center; flex-wrap: wrap; font-size: .85rem; }
+.tools label { flex-direction: row; align-items: center; gap: .25rem; }
+.tools input[type=range] { width: 6rem; }
 </style>
 </head>
 <body>
@@ -86,6 +96,24 @@ figcaption button { padding: .05rem .4rem; font-size: .8rem; }
     <label>Steps <input id="decoder_steps" type="number" min="1"></label>
     <label>Guidance <input id="decoder_guidance" type="number" min="0" step="0.5"></label>
     <label>Sampler <select id="sampler"></select></label></div></fieldset>
+  <fieldset><legend>Start from an image</legend>
+    <div id="drop">Drop an image here, or <input id="image_file" type="file" accept="image/png,image/jpeg,image/webp"></div>
+    <div id="source_tools" hidden>
+      <div id="canvases"><canvas id="source"></canvas><canvas id="mask"></canvas></div>
+      <div class="tools">
+        <label><input type="radio" name="tool" id="brush" value="brush" checked> brush</label>
+        <label><input type="radio" name="tool" id="eraser" value="eraser"> eraser</label>
+        <label>size <input id="brush_size" type="range" min="2" max="128" value="24"></label>
+        <button type="button" id="clear_mask">clear mask</button>
+        <button type="button" id="remove_image">remove image</button>
+      </div>
+      <label>Strength <span class="tools"><input id="strength" type="range" min="0" max="1" step="0.05" value="0.6">
+        <output id="strength_value">0.6</output></span></label>
+      <p class="muted">Paint the region to repaint (inpainting); without a mask the whole image is the start
+        (image-to-image). Strength: the share of Stage C's steps run from it (1: ignore the image).</p>
+      <button type="button" id="variations">Variations of this image</button>
+    </div>
+  </fieldset>
   <button class="primary" id="generate" type="submit">Generate</button>
   <p class="error" id="error" role="alert"></p>
   <p class="muted">Ctrl+Enter generates; an empty prompt generates unconditionally. The preview during
@@ -152,8 +180,80 @@ async function refreshHealth() {
 
 const numberOrNull = id => $("#" + id).value.trim() === "" ? null : Number($("#" + id).value);
 
-function request() {
+// The source image and its mask, at the image's own size (the canvases are only scaled by CSS).
+const source = {loaded: false, painted: false, strengthTouched: false};
+
+function loadImage(file) {
+  if (!file) return;
+  const url = URL.createObjectURL(file);
+  const img = new Image();
+  img.onload = () => {
+    const canvas = $("#source"), mask = $("#mask");
+    canvas.width = mask.width = img.naturalWidth;
+    canvas.height = mask.height = img.naturalHeight;
+    canvas.getContext("2d").drawImage(img, 0, 0);
+    mask.getContext("2d").clearRect(0, 0, mask.width, mask.height);
+    Object.assign(source, {loaded: true, painted: false});
+    $("#source_tools").hidden = false;
+    const snap = v => Math.max(info.size_step, Math.min(info.limits.max_side, v - v % info.size_step));
+    setSize(snap(img.naturalWidth), snap(img.naturalHeight));
+    URL.revokeObjectURL(url);
+  };
+  img.onerror = () => { $("#error").textContent = "that file is not an image this browser can read"; };
+  img.src = url;
+}
+
+function removeImage() {
+  Object.assign(source, {loaded: false, painted: false});
+  $("#source_tools").hidden = true;
+  $("#image_file").value = "";
+}
+
+function paint(e) {
+  const mask = $("#mask"), r = mask.getBoundingClientRect();
+  const x = (e.clientX - r.left) * mask.width / r.width, y = (e.clientY - r.top) * mask.height / r.height;
+  const ctx = mask.getContext("2d");
+  ctx.globalCompositeOperation = $("#eraser").checked ? "destination-out" : "source-over";
+  ctx.fillStyle = "#e11d48";
+  ctx.beginPath();
+  ctx.arc(x, y, Number($("#brush_size").value) * mask.width / r.width / 2, 0, 2 * Math.PI);
+  ctx.fill();
+  if (!$("#eraser").checked && !source.painted) {
+    source.painted = true;
+    if (!source.strengthTouched) setStrength(1);  // inpainting repaints the masked region from noise
+  }
+}
+
+function setStrength(v) { $("#strength").value = v; $("#strength_value").textContent = Number(v).toFixed(2); }
+
+// The painted overlay → a black-and-white PNG (white = repaint), or null when nothing is painted.
+function maskPNG() {
+  const mask = $("#mask"), pixels = mask.getContext("2d").getImageData(0, 0, mask.width, mask.height);
+  const out = document.createElement("canvas");
+  out.width = mask.width; out.height = mask.height;
+  const ctx = out.getContext("2d"), bw = ctx.createImageData(mask.width, mask.height);
+  let any = false;
+  for (let i = 0; i < pixels.data.length; i += 4) {
+    const v = pixels.data[i + 3] > 0 ? 255 : 0;
+    any = any || v > 0;
+    bw.data[i] = bw.data[i + 1] = bw.data[i + 2] = v; bw.data[i + 3] = 255;
+  }
+  if (!any) return null;
+  ctx.putImageData(bw, 0, 0);
+  return out.toDataURL("image/png");
+}
+
+function request(variations = false) {
+  const images = {};
+  if (source.loaded) Object.assign(images, {image: $("#source").toDataURL("image/png"), variations,
+                                            strength: Number($("#strength").value)});
+  if (source.loaded && !variations) {
+    const mask = maskPNG();
+    if (mask) images.mask = mask;
+  }
+  if (variations) delete images.strength;
   return {
+    ...images,
     prompt: $("#prompt").value,
     negative_prompt: $("#negative_prompt").value || null,
     width: Number($("#width").value), height: Number($("#height").value),
@@ -183,7 +283,8 @@ function card(job) {
   const images = build("div", {className: "images"}, []);
   const error = build("p", {className: "error"}, []);
   const seeds = p.num_images > 1 ? `${job.seed}…${job.seed + p.num_images - 1}` : `${job.seed}`;
-  const meta = build("span", {className: "muted", textContent: `${p.width}×${p.height} · seed ${seeds}`}, []);
+  const mode = p.variations ? " · variations" : p.mask ? " · inpainting" : p.image ? ` · from an image (${p.strength ?? 0.6})` : "";
+  const meta = build("span", {className: "muted", textContent: `${p.width}×${p.height} · seed ${seeds}${mode}`}, []);
   const title = build("span", {className: "prompt", textContent: p.prompt || "(no prompt)"}, []);
   const node = build("article", {className: "job"}, [
     build("header", {}, [title, meta, state, cancel]), bars, preview, images, error]);
@@ -237,12 +338,29 @@ function follow(job) {
   events.onopen = () => { c.error.textContent = ""; };
 }
 
-$("#form").addEventListener("submit", async e => {
-  e.preventDefault();
+async function submit(variations) {
   $("#error").textContent = "";
-  const options = {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(request())};
+  const body = JSON.stringify(request(variations));
+  const options = {method: "POST", headers: {"Content-Type": "application/json"}, body};
   try { follow(await api("/api/jobs", options)); } catch (err) { $("#error").textContent = err.message; }
+}
+$("#form").addEventListener("submit", e => { e.preventDefault(); submit(false); });
+$("#variations").onclick = () => submit(true);
+$("#image_file").addEventListener("change", e => loadImage(e.target.files[0]));
+$("#drop").addEventListener("dragover", e => { e.preventDefault(); $("#drop").classList.add("over"); });
+$("#drop").addEventListener("dragleave", () => $("#drop").classList.remove("over"));
+$("#drop").addEventListener("drop", e => {
+  e.preventDefault(); $("#drop").classList.remove("over"); loadImage(e.dataTransfer.files[0]);
 });
+$("#mask").addEventListener("pointerdown", e => { $("#mask").setPointerCapture(e.pointerId); paint(e); });
+$("#mask").addEventListener("pointermove", e => { if (e.buttons & 1) paint(e); });
+$("#clear_mask").onclick = () => {
+  const mask = $("#mask");
+  mask.getContext("2d").clearRect(0, 0, mask.width, mask.height);
+  source.painted = false;
+};
+$("#remove_image").onclick = removeImage;
+$("#strength").addEventListener("input", e => { source.strengthTouched = true; setStrength(e.target.value); });
 $("#prompt").addEventListener("keydown", e => {
   if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("#form").requestSubmit();
 });
