@@ -97,7 +97,8 @@ figcaption button { padding: .05rem .4rem; font-size: .8rem; }
     <label>Guidance <input id="decoder_guidance" type="number" min="0" step="0.5"></label>
     <label>Sampler <select id="sampler"></select></label></div></fieldset>
   <fieldset><legend>Start from an image</legend>
-    <div id="drop">Drop an image here, or <input id="image_file" type="file" accept="image/png,image/jpeg,image/webp"></div>
+    <div id="drop">Drop an image here, or
+      <input id="image_file" type="file" accept="image/png,image/jpeg,image/webp"></div>
     <div id="source_tools" hidden>
       <div id="canvases"><canvas id="source"></canvas><canvas id="mask"></canvas></div>
       <div class="tools">
@@ -283,7 +284,8 @@ function card(job) {
   const images = build("div", {className: "images"}, []);
   const error = build("p", {className: "error"}, []);
   const seeds = p.num_images > 1 ? `${job.seed}…${job.seed + p.num_images - 1}` : `${job.seed}`;
-  const mode = p.variations ? " · variations" : p.mask ? " · inpainting" : p.image ? ` · from an image (${p.strength ?? 0.6})` : "";
+  const mode = p.variations ? " · variations" : p.mask ? " · inpainting"
+    : p.image ? ` · from an image (${p.strength ?? 0.6})` : "";
   const meta = build("span", {className: "muted", textContent: `${p.width}×${p.height} · seed ${seeds}${mode}`}, []);
   const title = build("span", {className: "prompt", textContent: p.prompt || "(no prompt)"}, []);
   const node = build("article", {className: "job"}, [
