@@ -246,14 +246,25 @@ def effnet_state(prefix: str = "") -> dict:
     }
 
 
-def test_effnet_is_detected_but_not_supported_yet(tmp_path):
+def test_effnet_loads_as_the_semantic_compressor(tmp_path):
+    """effnet_encoder.safetensors (and ComfyUI's copy, which adds the ImageNet mean/std) is
+    SemanticCompressor's "stable-cascade" preset, key for key."""
+    from wuerstchen.models.semantic import IMAGENET_MEAN, IMAGENET_STD, SEMANTIC_PRESETS, SemanticCompressor
+
     assert (detect_official_file(effnet_state()).kind, detect_official_file(effnet_state()).variant) == (
         "effnet",
         "stable-cascade",
     )
-    save_file(effnet_state(), tmp_path / "renamed.safetensors")
-    with pytest.raises(UserError, match="not supported yet"):
-        load_official_file(tmp_path / "renamed.safetensors")
+    model = SemanticCompressor(SEMANTIC_PRESETS["stable-cascade"]).eval()
+    state = model.state_dict()
+    save_file(
+        state | {"mean": torch.tensor(IMAGENET_MEAN), "std": torch.tensor(IMAGENET_STD)}, tmp_path / "e.safetensors"
+    )
+    loaded = load_official_file(tmp_path / "e.safetensors").model()
+    assert_same(loaded.state_dict(), state)
+    save_file(state | {"mean": torch.zeros(3)}, tmp_path / "bad.safetensors")
+    with pytest.raises(UserError, match="not ImageNet's"):
+        load_official_file(tmp_path / "bad.safetensors").model()
 
 
 def test_unknown_file_is_an_error():
@@ -306,7 +317,7 @@ def test_comfyui_stage_c_bundle_splits_into_its_parts():
     fresh_vision.load_state_dict(found.parts["image_encoder"].state, strict=True)
     assert_same(fresh_text.state_dict(), text.state_dict())
     assert_same(fresh_vision.state_dict(), vision.state_dict())
-    with pytest.raises(UserError, match="not supported yet"):
+    with pytest.raises(UserError, match="not ImageNet's"):  # this bundle's effnet has zeros for its mean
         found.parts["effnet"].model()
 
 

@@ -262,6 +262,7 @@ def test_convert_official_single_files(cascade_reference, ours, tmp_path):
     from wuerstchen.io.cascade_files import convert_cascade_files
     from wuerstchen.io.checkpoint import save_tensors
     from wuerstchen.models.previewer import PREVIEWER_PRESETS, Previewer
+    from wuerstchen.models.semantic import SEMANTIC_PRESETS, SemanticCompressor
     from wuerstchen.testing import randomize
 
     _, root = cascade_reference
@@ -272,18 +273,23 @@ def test_convert_official_single_files(cascade_reference, ours, tmp_path):
     save_tensors(vq, tmp_path / "stage_a.safetensors")
     previewer = randomize(Previewer(PREVIEWER_PRESETS["tiny"]), seed=3)
     save_tensors(previewer.state_dict(), tmp_path / "previewer.safetensors")
+    effnet = randomize(SemanticCompressor(SEMANTIC_PRESETS["stable-cascade"]), seed=4)  # the official size
+    save_tensors(effnet.state_dict(), tmp_path / "effnet_encoder.safetensors")
     heads = {"num_attention_heads": list(ours.prior.config.num_attention_heads)}  # not in the weights
     out = convert_cascade_files(
         tmp_path / "converted", tmp_path / "stage_c.safetensors", tmp_path / "stage_b.safetensors",
         tmp_path / "stage_a.safetensors", root / "combined" / "prior_text_encoder",
         tokenizer=root / "combined" / "prior_tokenizer", image_encoder=root / "prior-repo" / "image_encoder",
-        previewer=tmp_path / "previewer.safetensors", stage_c_options=heads,
+        previewer=tmp_path / "previewer.safetensors", effnet=tmp_path / "effnet_encoder.safetensors",
+        stage_c_options=heads,
         stage_b_options={"num_attention_heads": list(ours.decoder.config.num_attention_heads)},
     )  # fmt: skip
     pipe = WuerstchenPipeline.from_pretrained(out)
     assert pipe.vqgan.config.scale_factor == 0.43 and pipe.previewer is not None
     args = {**BASE, "prompt": "a red circle", "images": [picture()], "seed": 5, "output_type": "latent"}
     assert torch.equal(pipe(**args).images, ours(**args).images)
+    edited = pipe(**{**args, "images": None}, image=picture(), strength=0.5).images  # the effnet: image inputs
+    assert torch.isfinite(edited).all() and not torch.equal(edited, pipe(**{**args, "images": None}).images)
     latents = torch.randn(1, 16, 3, 3)
     assert torch.equal(pipe.previewer.preview(latents), previewer.preview(latents))
     from wuerstchen.server.preview import latents_to_rgb

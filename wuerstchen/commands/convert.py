@@ -4,7 +4,7 @@
         --stage-c model_v2_stage_c.pt wuerstchen-v2/
     wuerstchen convert --stage-a stage_a.safetensors --stage-b stage_b_lite_bf16.safetensors \
         --stage-c stage_c_lite_bf16.safetensors --text-encoder models/stable-cascade/text_encoder \
-        --previewer previewer.safetensors stable-cascade-lite/
+        --previewer previewer.safetensors --effnet effnet_encoder.safetensors stable-cascade-lite/
 
 v2 (`.pt` files): the text encoders are CLIP models from the hub (or local folders), ViT-bigG/14 for
 the prior and ViT-H/14 for the decoder, as the official v2 was trained. Stable Cascade
@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--previewer", default=None, help="Stable Cascade: previewer.safetensors (the UI's Stage C previews)"
     )
+    p.add_argument(
+        "--effnet", default=None, help="Stable Cascade: effnet_encoder.safetensors (image-to-image, inpainting)"
+    )
     p.add_argument("--preset", default="official-v2", help="v2: architecture of the files (official-v2, tiny, ...)")
     p.add_argument("--dtype", default=None, help="store weights as float32 or bfloat16 (default: as in the files)")
 
@@ -62,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
             )
         out = convert_cascade_files(
             args.output, args.stage_c, args.stage_b, args.stage_a, args.text_encoder, tokenizer=args.tokenizer,
-            image_encoder=args.image_encoder, previewer=args.previewer, dtype=dtype,
+            image_encoder=args.image_encoder, previewer=args.previewer, dtype=dtype, effnet=args.effnet,
         )  # fmt: skip
     else:
         from ..io.original import convert_original_files

@@ -484,7 +484,7 @@ def _clip_part(state: dict[str, torch.Tensor], kind: str, source: str) -> Offici
 
 def split_comfyui_bundle(state: State, source: str = "state dict") -> dict[str, OfficialFile]:
     """A ComfyUI all-in-one Stable Cascade checkpoint → its parts, each converted to our keys:
-    "unet" (stage_b / stage_c), "stage_a", "previewer", "effnet" (kept as it is: not supported yet),
+    "unet" (stage_b / stage_c), "stage_a", "previewer", "effnet" (the semantic compressor),
     "text_encoder" and "image_encoder" (transformers' CLIP keys; `config` holds their sizes)."""
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
@@ -550,18 +550,28 @@ class OfficialFile:
 
             cls, config = CascadeUNet, config_from_dict(CascadeUNetConfig, self.config, self.source)
         elif self.kind == "effnet":
-            raise UserError(_EFFNET_UNSUPPORTED.format(source=self.source))
+            from ..models.semantic import SEMANTIC_PRESETS, SemanticCompressor
+
+            preset = "stable-cascade" if self.variant == "stable-cascade" else "official-v2"
+            return build_from_state(SemanticCompressor, SEMANTIC_PRESETS[preset], _effnet_state(self), self.source,
+                                    dtype, device)  # fmt: skip
         else:
             name = (self.config or {}).get("_class_name", self.kind)
             raise UserError(f"{self.source}: no model of ours; build transformers' {name} and load .state into it")
         return build_from_state(cls, config, self.state, self.source, dtype, device)
 
 
-_EFFNET_UNSUPPORTED = (
-    "{source}: the EfficientNetV2-S effnet encoder (effnet_encoder.safetensors) is not supported yet; "
-    "its keys are SemanticCompressor's, so build_from_state(SemanticCompressor, "
-    "SEMANTIC_PRESETS['stable-cascade'], state, ...) loads it"
-)
+def _effnet_state(found: OfficialFile) -> dict[str, torch.Tensor]:
+    """The effnet's tensors as SemanticCompressor's (the same keys). ComfyUI's encoder also stores
+    the ImageNet normalisation as `mean`/`std`, which ours applies as constants: checked, dropped."""
+    from ..models.semantic import IMAGENET_MEAN, IMAGENET_STD
+
+    state = dict(found.state)
+    for key, want in (("mean", IMAGENET_MEAN), ("std", IMAGENET_STD)):
+        value = state.pop(key, None)
+        if value is not None and not torch.allclose(value.float().flatten(), torch.tensor(want), atol=1e-3):
+            raise UserError(f"{found.source}: the effnet normalises with {key} {value.tolist()}, not ImageNet's {want}")
+    return state
 
 
 def detect_official_file(state: State, source: str = "state dict") -> OfficialFile:
@@ -597,8 +607,6 @@ def load_official_file(path: str | Path, dtype: torch.dtype | None = None) -> Of
     """Read an official (or ComfyUI) Stable Cascade .safetensors file: detect it and convert it.
     `dtype` casts the floating tensors; by default they keep the file's dtype."""
     found = detect_official_file(load_tensors(path), str(path))
-    if found.kind == "effnet":
-        raise UserError(_EFFNET_UNSUPPORTED.format(source=path))
     if dtype is not None:
         found = _cast_file(found, dtype)
     return found
@@ -646,6 +654,7 @@ def convert_cascade_files(
     image_encoder: str | Path | None = None,
     previewer: str | Path | None = None,
     dtype: torch.dtype | None = None,
+    effnet: str | Path | None = None,
     stage_c_options: dict[str, Any] | None = None,
     stage_b_options: dict[str, Any] | None = None,
 ) -> Path:
@@ -656,7 +665,9 @@ def convert_cascade_files(
     defaults to that folder, or to a `tokenizer/` beside it. `image_encoder`: a
     `CLIPVisionModelWithProjection` folder (the prior repo's `image_encoder/`), for image variations;
     its image processor is read from the folder, or a `feature_extractor/` beside it, else CLIP's
-    defaults. `previewer`: `previewer.safetensors`, for the UI's Stage C previews.
+    defaults. `previewer`: `previewer.safetensors`, for the UI's Stage C previews. `effnet`:
+    `effnet_encoder.safetensors` (or a ComfyUI Stage C bundle that holds it), the semantic
+    compressor that image-to-image and inpainting need.
 
         convert_cascade_files("models/stable-cascade-lite", "stage_c_lite_bf16.safetensors",
                               "stage_b_lite_bf16.safetensors", "stage_a.safetensors",
@@ -695,6 +706,7 @@ def convert_cascade_files(
         decoder=decoder, text_encoder=encoder, tokenizer=load_tokenizer(tok_dir, None), vqgan=vqgan,
         settings=PipelineSettings(default_size=1024), image_encoder=image, feature_extractor=processor,
         previewer=None if previewer is None else _part(previewer, "previewer", dtype, {}).model(),
+        semantic=None if effnet is None else _part(effnet, "effnet", dtype, {}).model(),
     )  # fmt: skip
     pipe.save_pretrained(output)
     return Path(output)

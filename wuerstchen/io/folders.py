@@ -48,6 +48,7 @@ OFFICIAL_PRIOR = {
 # The Stable Cascade repos also hold the lite models, bf16 copies and the official single files
 # (tens of GB): only the folders and files one pipeline needs are downloaded from them.
 CASCADE_REPOS = ("stabilityai/stable-cascade", "stabilityai/stable-cascade-prior")
+EFFNET_FILE = "effnet_encoder.safetensors"  # Stable Cascade's semantic compressor, at the repo's root
 CASCADE_FOLDERS = ("text_encoder", "tokenizer", "scheduler", "vqgan", "image_encoder", "feature_extractor")
 
 
@@ -59,7 +60,7 @@ def hub_patterns(repo_id: str, lite: bool = False, variant: str | None = None) -
         return HUB_PATTERNS, []
     model = ("prior" if repo_id.endswith("-prior") else "decoder") + ("_lite" if lite else "")
     weights = [f"*.{variant}.safetensors", f"*.{variant}-*.safetensors"] if variant else ["*.safetensors"]
-    allow = ["model_index.json"]
+    allow = ["model_index.json"] + ([] if repo_id.endswith("-prior") else [EFFNET_FILE])  # image inputs
     for sub in (model, *CASCADE_FOLDERS):
         allow += [f"{sub}/*.json", f"{sub}/*.txt"] + [f"{sub}/{w}" for w in weights]
     other_variants = [f"*.{v}{tail}" for v in ("bf16", "fp16") for tail in (".safetensors", "-*.safetensors")]
@@ -313,6 +314,10 @@ def load_pipeline(
         from ..models.semantic import SemanticCompressor
 
         parts["semantic"] = load_model(SemanticCompressor, root / "semantic", dtype)
+    elif (root / EFFNET_FILE).is_file():  # the stabilityai/stable-cascade repo's own file, beside its folders
+        from .cascade_files import load_official_file
+
+        parts["semantic"] = load_official_file(root / EFFNET_FILE).model(dtype=dtype)
     known = {f for f in PipelineSettings.__dataclass_fields__}
     pipe = cls(
         prior=parts.get("prior"),
