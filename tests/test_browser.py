@@ -62,6 +62,15 @@ def fill(page, **fields: str) -> None:
         page.fill(f"#{name}", value)
 
 
+def generate(page):
+    """Click Generate and return the new job's card (not the previous one, still first until the
+    server has answered)."""
+    before = page.locator(".job").count()
+    page.click("#generate")
+    page.wait_for_function(f"document.querySelectorAll('.job').length > {before}", timeout=30_000)
+    return page.locator(".job").first
+
+
 def test_generate_from_the_page(page, tmp_path: Path) -> None:
     assert page.locator("#preset option").all_inner_texts() == ["128 × 128", "128 × 256", "256 × 128", "custom"]
     page.fill("#prompt", "a red circle above a blue square")
@@ -85,8 +94,7 @@ def test_empty_prompt_generates_unconditionally(page) -> None:
     page.fill("#prompt", "")
     page.select_option("#preset", "128x128")
     fill(page, num_images="1", seed="3", prior_steps="2", decoder_steps="2")
-    page.click("#generate")
-    card = page.locator(".job").first
+    card = generate(page)
     card.locator(".state.done").wait_for(timeout=60_000)
     # The card turns "done" before its gallery is filled: wait for the image, as the test above does.
     card.locator("img.result").first.wait_for(timeout=30_000)
@@ -123,8 +131,7 @@ def test_inpainting_from_the_page(page, tmp_path: Path) -> None:
     page.check("#brush")
     assert page.locator("#strength_value").inner_text() == "1.00"  # painting a mask: repaint from noise
     fill(page, prompt="a yellow star", num_images="1", seed="5", prior_steps="2", decoder_steps="2")
-    page.click("#generate")
-    card = page.locator(".job").first
+    card = generate(page)
     card.locator(".state.done").wait_for(timeout=60_000)
     result = card.locator("img.result").first
     result.wait_for(timeout=30_000)
@@ -141,8 +148,7 @@ def test_inpainting_from_the_page(page, tmp_path: Path) -> None:
 def test_cancel_from_the_page(page) -> None:
     page.fill("#prompt", "a long one")
     fill(page, num_images="8", prior_steps="200", decoder_steps="200")
-    page.click("#generate")
-    card = page.locator(".job").first
+    card = generate(page)
     card.locator(".preview:not([hidden])").wait_for(timeout=30_000)  # the Stage C preview is showing
     card.locator("button.cancel").click()
     card.locator(".state.cancelled").wait_for(timeout=15_000)

@@ -457,3 +457,54 @@ def test_stage_c_preview_of_the_shipped_model_looks_like_its_image() -> None:
     # Colour, not only brightness: the mean spread of a pixel's three channels is 0.033 in the new
     # preview (0.043 in the pooled image), 0.014 in the old one.
     assert preview.std(dim=1).mean() > 0.023
+
+
+def test_hosts_header_timeout_stream_caps_and_odd_event_ids(tiny_folder: Path, tmp_path: Path) -> None:
+    """DNS rebinding (a foreign Host), a half-sent request, too many event streams, a strange
+    Last-Event-ID: each is answered or closed, and the server keeps serving."""
+    import http.client
+
+    flags = ("--allowed-host", "Example.test", "--header-timeout", "1", "--max-streams-per-client", "2")
+    with serve(tiny_folder, *flags, log=tmp_path / "serve.log") as url:
+        port = int(url.rsplit(":", 1)[1])
+
+        def get(path: str, host: str) -> int:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+            conn.request("GET", path, headers={"Host": host})
+            status = conn.getresponse().status
+            conn.close()
+            return status
+
+        assert get("/health", "evil.example:80") == 421  # a page on another name that resolves here
+        assert get("/health", "example.test") == get("/health", f"localhost:{port}") == 200
+        assert get("/docs", "localhost") == 404  # FastAPI's docs page would load scripts from a CDN
+
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nHost: localh")  # and never the rest
+            start = time.monotonic()
+            assert sock.recv(100) == b""  # closed by the server
+            assert time.monotonic() - start < 5
+
+        status, job = call(url + "/api/jobs", {"prompt": "a", "prior_steps": 200, "decoder_steps": 200})
+        assert status == 202
+        streams = [urllib.request.urlopen(f"{url}/api/jobs/{job['id']}/events", timeout=30) for _ in range(2)]
+        status, answer = call(f"{url}/api/jobs/{job['id']}/events")
+        assert status == 429 and "too many open event streams" in answer["error"]["message"]
+        for odd in ("²", "9" * 5000, "-1"):
+            req = urllib.request.Request(f"{url}/api/jobs/{job['id']}", headers={"Last-Event-ID": odd})
+            assert urllib.request.urlopen(req, timeout=30).status == 200
+        call(f"{url}/api/jobs/{job['id']}/cancel", method="POST")
+        for stream in streams:
+            stream.read()  # each ends with the job
+            stream.close()
+        deadline = time.monotonic() + 10
+        while True:  # the slots come back once the server has seen the streams end
+            req = urllib.request.Request(f"{url}/api/jobs/{job['id']}/events", headers={"Last-Event-ID": "²"})
+            try:
+                with urllib.request.urlopen(req, timeout=30) as again:
+                    assert b"event: state" in again.read()  # from the start: the odd id is ignored
+                break
+            except urllib.error.HTTPError as e:
+                assert e.code == 429 and time.monotonic() < deadline
+                time.sleep(0.2)
+        assert call(url + "/health")[0] == 200

@@ -35,8 +35,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-prompt-chars", type=int, default=2000, help="longest prompt (and negative prompt)")
     g.add_argument("--max-guidance", type=float, default=30.0, help="largest guidance scale")
     g.add_argument("--max-queue", type=int, default=16, help="most jobs waiting; more are answered 429")
+    g.add_argument("--max-streams", type=int, default=128, help="open event streams, all clients together")
+    g.add_argument("--max-streams-per-client", type=int, default=32, help="open event streams of one address")
+    g.add_argument("--max-connections", type=int, default=256, help="open connections; more are answered 503")
+    g.add_argument("--header-timeout", type=float, default=10.0, help="seconds a request has to send its headers")
     g.add_argument("--max-upload-mb", type=float, default=8.0, help="largest uploaded image or mask file (MB)")
     g.add_argument("--max-upload-pixels", type=int, default=4096 * 4096, help="largest uploaded image, width × height")
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        help="a Host name to answer besides the bound address (repeat; a loopback bind also answers localhost)",
+    )
     p.add_argument("--keep-jobs", type=int, default=100, help="finished jobs (and their images) kept in memory")
     p.add_argument("--output-dir", default=None, help="also keep every image here (default: a temporary folder)")
     p.add_argument("--no-preview", action="store_true", help="no Stage C previews (they cost one small fit at start)")
@@ -63,17 +73,21 @@ def run(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from ..server.app import Limits, create_app
+        from ..server.app import Limits, allowed_hosts, create_app
+        from ..server.http import header_timeout_protocol
     except ImportError as e:
         missing = f"the server needs FastAPI and uvicorn ({e.name} is missing)"
         raise UserError(f"{missing}: pip install 'wuerstchen[serve]'") from None
-    for name in ("max_images", "max_steps", "max_prompt_chars", "max_queue", "keep_jobs"):
+    for name in ("max_images", "max_steps", "max_prompt_chars", "max_queue", "keep_jobs", "max_streams",
+                 "max_streams_per_client", "max_connections"):  # fmt: skip
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if not args.max_guidance >= 0:
         raise UserError("--max-guidance must be ≥ 0")
     if not (0 < args.max_upload_mb <= 1024 and 0 < args.max_upload_pixels <= 10**9):
         raise UserError("--max-upload-mb must be in (0, 1024] and --max-upload-pixels from 1 to 10⁹")
+    if not 0 < args.header_timeout <= 3600:
+        raise UserError("--header-timeout must be from 0 to 3600 seconds")
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be from 0 to 65535, got {args.port}")
     sock = _listen(args.host, args.port)
@@ -94,11 +108,14 @@ def run(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)),
         max_upload_pixels=args.max_upload_pixels,
+        max_streams=args.max_streams,
+        max_streams_per_client=args.max_streams_per_client,
     )
     output_dir = Path(args.output_dir) if args.output_dir else None
-    app = create_app(pipe, args.model, limits, output_dir, args.keep_jobs, preview=not args.no_preview)
-
     host, port = sock.getsockname()[:2]
+    hosts = allowed_hosts(args.host, args.allowed_host)
+    app = create_app(pipe, args.model, limits, output_dir, args.keep_jobs, not args.no_preview, hosts)
+
     shown = f"[{host}]" if ":" in host else host
     print(f"wuerstchen serve: {args.model or 'shipped small model'} on {pipe.device}", file=sys.stderr)
     print(f"wuerstchen serve: open http://{shown}:{port}/ (Ctrl+C stops)", file=sys.stderr, flush=True)
@@ -110,6 +127,8 @@ def run(args: argparse.Namespace) -> int:
         log_level="info" if verbose else "warning",
         access_log=verbose,
         timeout_graceful_shutdown=3,  # open event streams would otherwise hold Ctrl+C
+        http=header_timeout_protocol(args.header_timeout),
+        limit_concurrency=args.max_connections,
     )
     jobs = app.state.jobs
 

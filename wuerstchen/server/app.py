@@ -40,6 +40,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, StreamingResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import UserError
@@ -70,6 +71,8 @@ class Limits:
     max_queue: int = 16  # jobs waiting (not counting the running one)
     max_upload_bytes: int = 8 << 20  # one uploaded image (or mask) file
     max_upload_pixels: int = 4096 * 4096  # its width × height, read from its header before decoding
+    max_streams: int = 128  # open event streams, all clients together
+    max_streams_per_client: int = 32  # per client address (a UI following every queued job needs 17)
 
 
 class ApiError(Exception):
@@ -318,14 +321,25 @@ class Job:
     preview_seq: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
     inputs: dict[str, Any] = field(default_factory=dict, repr=False)  # "image", "mask": PIL images
+    # The event streams waiting on this job: (their event loop, their event), set from any thread.
+    waiters: set[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = field(default_factory=set, repr=False)
 
     def emit(self, name: str, data: dict[str, Any]) -> None:
         with self.lock:
             self.events.append((name, data))
+        self.wake()
 
     def set_preview(self, data: dict[str, Any] | None) -> None:
         with self.lock:
             self.preview, self.preview_seq = data, self.preview_seq + 1
+        self.wake()
+
+    def wake(self) -> None:
+        """Tell the streams there is news (the worker is a thread: through each stream's loop)."""
+        with self.lock:
+            waiting = list(self.waiters)
+        for loop, event in waiting:
+            loop.call_soon_threadsafe(event.set)
 
     def events_from(self, start: int, seen_preview: int) -> tuple[list[tuple[int, str, dict[str, Any]]], bool, Any]:
         """Events from index `start`; whether the job has ended (its last event is among them);
@@ -333,7 +347,10 @@ class Job:
         with self.lock:
             batch = [(i, *self.events[i]) for i in range(start, len(self.events))]
             fresh = (self.preview_seq, self.preview) if self.preview_seq > seen_preview and self.preview else None
-            return batch, self.state in TERMINAL, fresh
+            # Ended once the final state is in the log (the state is set a moment before it is logged).
+            last = self.events[-1] if self.events else None
+            ended = last is not None and last[0] == "state" and last[1].get("state") in TERMINAL
+            return batch, ended, fresh
 
     def to_json(self, b64: bool = False, position: int | None = None) -> dict[str, Any]:
         images = []
@@ -391,7 +408,7 @@ class JobQueue:
 
     def close(self) -> None:
         """Begin shutting down (signal-safe: no locks): the running job stops at its next step,
-        event streams and waiting requests end, no other job starts."""
+        event streams and waiting requests end (within their one-second wait), no other job starts."""
         self.closing = True
 
     def stop(self) -> None:
@@ -712,6 +729,37 @@ def _openai_mask(mask: Image.Image) -> Image.Image:
     return mask_from_alpha(mask)
 
 
+class HostCheck:
+    """Answer only requests whose Host header names this server (DNS rebinding: a page on evil.com
+    that resolves its name to 127.0.0.1 must not reach a loopback server). `allowed` None: any."""
+
+    def __init__(self, app: Any, allowed: frozenset[str] | None) -> None:
+        self.app, self.allowed = app, allowed
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and self.allowed is not None:
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] or host
+            name = host if host.count(":") > 1 and not host.startswith("[") else name  # a bare IPv6 address
+            if name.lower() not in self.allowed:
+                shown = repr(host[:100])
+                message = f"Host {shown} is not this server's name: start it with --allowed-host NAME to allow one"
+                await _error(421, message, "host")(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def allowed_hosts(bound: str, extra: list[str] | tuple[str, ...] = ()) -> frozenset[str] | None:
+    """The Host names a server bound to `bound` answers: loopback names for a loopback address, the
+    address itself otherwise, plus `extra`; None (any) for a wildcard bind without `extra`."""
+    if bound in ("0.0.0.0", "::", "") and not extra:
+        return None
+    names = {bound.strip("[]").lower(), *(h.lower() for h in extra)}
+    if bound in ("127.0.0.1", "::1", "localhost"):
+        names |= {"127.0.0.1", "::1", "localhost"}
+    return frozenset(names)
+
+
 def create_app(
     pipe: WuerstchenPipeline,
     model: str | None,
@@ -719,8 +767,10 @@ def create_app(
     output_dir: Path | None = None,
     keep_jobs: int = 100,
     preview: bool = True,
+    hosts: frozenset[str] | None = None,
 ) -> FastAPI:
-    """The FastAPI app around one pipeline; its worker thread starts and stops with the app."""
+    """The FastAPI app around one pipeline; its worker thread starts and stops with the app.
+    `hosts`: the Host header names it answers (`allowed_hosts`; None: any)."""
     from ..assets import SHIPPED_MODEL_NAME
 
     model_name = str(model) if model is not None else SHIPPED_MODEL_NAME  # what --model/--from-png accept again
@@ -733,7 +783,9 @@ def create_app(
         yield
         jobs.stop()
 
-    app = FastAPI(title="Würstchen", version="0.1.0", lifespan=lifespan)
+    # No /docs or /redoc: FastAPI's pages load their scripts from a CDN. /openapi.json stays.
+    app = FastAPI(title="Würstchen", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
+    streams: dict[str, int] = {}  # open event streams per client address
     app.state.jobs = jobs
 
     @app.exception_handler(ApiError)
@@ -749,6 +801,7 @@ def create_app(
         return _error(e.status_code, str(e.detail))
 
     app.add_middleware(BodyLimit, upload=2 * limits.max_upload_bytes * 4 // 3 + MAX_BODY)
+    app.add_middleware(HostCheck, allowed=hosts)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def ui() -> HTMLResponse:
@@ -806,30 +859,58 @@ def create_app(
     async def events(job_id: str, request: Request) -> StreamingResponse:
         job = jobs.get(job_id)
         last = request.headers.get("last-event-id", "")
-        start = int(last) + 1 if last.isdigit() else 0  # a reconnecting EventSource resumes where it was
+        # A reconnecting EventSource resumes where it was; anything but a plain small number starts over.
+        start = int(last) + 1 if last.isascii() and last.isdigit() and len(last) <= 9 else 0
+        client = request.client.host if request.client else "?"
+        if sum(streams.values()) >= limits.max_streams or streams.get(client, 0) >= limits.max_streams_per_client:
+            mine = streams.get(client, 0)
+            raise ApiError(429, f"too many open event streams ({mine} of yours, {sum(streams.values())} in all): "
+                           "close some, or poll GET /api/jobs/{id}", kind="busy")  # fmt: skip
+        streams[client] = streams.get(client, 0) + 1
+        news = asyncio.Event()
+        waiter = (asyncio.get_running_loop(), news)
+        with job.lock:
+            job.waiters.add(waiter)
+        released = False
+
+        def release() -> None:  # once: from the stream's end, or after the response if it never started
+            nonlocal released
+            if not released:
+                released = True
+                with job.lock:
+                    job.waiters.discard(waiter)
+                streams[client] -= 1
+                if not streams[client]:
+                    del streams[client]
 
         async def stream() -> AsyncIterator[str]:
-            i, seen, idle = start, 0, 0.0
-            while True:
-                batch, ended, fresh = job.events_from(i, seen)
-                for index, name, data in batch:
-                    yield f"id: {index}\nevent: {name}\ndata: {json.dumps(data)}\n\n"
-                    i = index + 1
-                if fresh is not None:  # no id: Last-Event-ID counts the log only
-                    seen = fresh[0]
-                    yield f"event: preview\ndata: {json.dumps(fresh[1])}\n\n"
-                if ended or jobs.closing:
-                    return
-                idle = 0.0 if batch else idle + 0.05
-                if idle >= 15:  # a comment line keeps proxies from closing a quiet stream
-                    idle = 0.0
-                    yield ": keep-alive\n\n"
-                if await request.is_disconnected():
-                    return
-                await asyncio.sleep(0.05)  # the worker is a thread: polling is simpler than a thread-safe bridge
+            i, seen, quiet = start, 0, 0
+            try:
+                while True:
+                    news.clear()
+                    batch, ended, fresh = job.events_from(i, seen)
+                    for index, name, data in batch:
+                        yield f"id: {index}\nevent: {name}\ndata: {json.dumps(data)}\n\n"
+                        i = index + 1
+                    if fresh is not None:  # no id: Last-Event-ID counts the log only
+                        seen = fresh[0]
+                        yield f"event: preview\ndata: {json.dumps(fresh[1])}\n\n"
+                    if ended or jobs.closing or await request.is_disconnected():
+                        return
+                    try:  # woken by the job's next event; once a second to notice a disconnect or a shutdown
+                        await asyncio.wait_for(news.wait(), timeout=1.0)
+                        quiet = 0
+                    except TimeoutError:
+                        quiet += 1
+                    if quiet >= 15:  # a comment line keeps proxies from closing a quiet stream
+                        quiet = 0
+                        yield ": keep-alive\n\n"
+            finally:
+                release()
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers,
+                                 background=BackgroundTask(release))  # fmt: skip
 
     @app.get("/api/images/{job_id}/{index}.png")
     async def image(job_id: str, index: int) -> FileResponse:
