@@ -16,6 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
+from wuerstchen.errors import UserError
 from wuerstchen.train.config import build_config
 from wuerstchen.train.loop import train
 
@@ -142,6 +143,43 @@ def test_truncated_checkpoint_falls_back(tmp_path: Path, reference_c: tuple[dict
     assert "resumed from" in caplog.text and "step-000004" in caplog.text
     assert (out / "checkpoints" / "step-000006.corrupt").is_dir()
     assert result.losses == {k: v for k, v in losses_of(reference).items() if k > 4}  # steps 5, 6 again
+
+
+def test_resume_finds_its_way_past_what_a_crash_leaves(tmp_path: Path, reference_c: tuple[dict, Path], caplog) -> None:
+    """A partial last metrics line with NUL padding, a malformed manifest, a stale temporary write:
+    the resume warns, falls back, cleans up and continues; the metrics of the steps kept stay."""
+    values, reference = reference_c
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    with open(out / "metrics.jsonl", "ab") as f:
+        f.write(b'{"kind": "train", "step": 7, "lo' + b"\x00" * 64)  # the crash came mid-write
+    (out / "checkpoints" / "step-000006" / "manifest.json").write_text("[]")
+    stale = out / "checkpoints" / ".step-000008.k2j3h4"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    with caplog.at_level(logging.INFO, logger="wuerstchen.train"):
+        result = train(build_config("c", values | {"output_dir": str(out), "sample_every": 0}), resume=True)
+    assert "manifest.json is malformed" in caplog.text and "resumed from" in caplog.text
+    assert "dropped 1 unreadable line" in caplog.text and not stale.exists()
+    assert result.losses == {k: v for k, v in losses_of(reference).items() if k > 4}
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 6 and 4 in steps  # steps 1–4 kept, 5–6 logged again
+
+
+def test_every_checkpoint_corrupt_stops_unless_restart(tmp_path: Path, reference_c: tuple[dict, Path]) -> None:
+    values, reference = reference_c
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    for folder in (out / "checkpoints").iterdir():
+        (folder / "manifest.json").write_text("{}")
+    before = (out / "metrics.jsonl").read_text()
+    cfg = build_config("c", values | {"output_dir": str(out), "sample_every": 0})
+    with pytest.raises(UserError, match="pass --restart"):
+        train(cfg, resume=True)
+    assert (out / "metrics.jsonl").read_text() == before  # nothing wiped
+    result = train(cfg, resume=True, restart=True)
+    assert result.losses == losses_of(reference)  # from step 0: the same run again
+    assert [p.read_text() for p in out.glob("metrics.*.jsonl")] == [before]  # the old metrics, kept aside
 
 
 def test_outputs_load_as_a_pipeline(reference_c: tuple[dict, Path]) -> None:

@@ -43,6 +43,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         sp.add_argument("--config", default=None, help="JSON, TOML or YAML file of options (flags override it)")
         sp.add_argument("--resume", action="store_true", help="continue from the newest good checkpoint")
         sp.add_argument(
+            "--restart",
+            action="store_true",
+            help="with --resume: when no checkpoint is usable, start again at step 0 (else it stops)",
+        )
+        sp.add_argument(
             "--allow-pipe-urls",
             action="store_true",
             help="allow --data `pipe:` URLs, which run shell commands (never taken from a config file)",
@@ -76,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
         saved = run_dir / "config.json"
         path = saved if saved.exists() else None
     cfg = load_config(args.stage, path, overrides)
-    result = train(cfg, resume=args.resume, allow_pipe_urls=args.allow_pipe_urls)
+    if args.restart and not args.resume:
+        raise UserError("--restart goes with --resume (it says what to do when no checkpoint is usable)")
+    result = train(cfg, resume=args.resume, allow_pipe_urls=args.allow_pipe_urls, restart=args.restart)
     if rank == 0:
         print(f"trained Stage {args.stage.upper()} to step {result.step}; outputs in {result.output_dir}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:

@@ -289,9 +289,17 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
         raise CheckpointError("no manifest.json: the write did not finish")
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"manifest.json is corrupt ({e})") from e
-    for name, info in manifest["files"].items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+        isinstance(i, dict) and isinstance(i.get("bytes"), int) and isinstance(i.get("sha256"), str)
+        for i in files.values()
+    ):
+        raise CheckpointError("manifest.json is malformed (no {file: {bytes, sha256}} list)")
+    if any(Path(name).name != name for name in files):
+        raise CheckpointError("manifest.json names a file outside its folder")
+    for name, info in files.items():
         path = folder / name
         if not path.is_file():
             raise CheckpointError(f"{name} is missing")
@@ -303,13 +311,46 @@ def verify_checkpoint(folder: Path) -> dict[str, Any]:
     return json.loads((folder / "state.json").read_text(encoding="utf-8"))
 
 
+def remove_stale_writes(root: Path) -> None:
+    """Remove the temporary folders of checkpoint writes that a crash interrupted (`.step-NNNNNN.*`:
+    never renamed into place, so never used; gigabytes each for the official models)."""
+    if root.is_dir():
+        for stale in root.glob(".step-*"):
+            if stale.is_dir() and STEP_DIR.match(stale.name[1:].split(".")[0]):
+                logger.warning("removing %s: an unfinished checkpoint write", stale)
+                shutil.rmtree(stale, ignore_errors=True)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's records; what a crash leaves (a partial last line, NUL padding from a
+    preallocated block) is dropped with a warning instead of blocking a resume."""
+    if not path.exists():
+        return []
+    records, dropped = [], 0
+    for line in path.read_bytes().replace(b"\x00", b"").decode("utf-8", errors="replace").splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int):
+            records.append(record)
+        else:
+            dropped += 1
+    if dropped:
+        logger.warning("%s: dropped %d unreadable line(s) (a crash mid-write leaves one)", path, dropped)
+    return records
+
+
 def pick_checkpoint(root: Path) -> Path | None:
     """The newest checkpoint that verifies; unusable ones are logged and renamed `*.corrupt`."""
     for folder in reversed(list_checkpoints(root)):
         try:
             verify_checkpoint(folder)
             return folder
-        except (CheckpointError, OSError, ValueError, KeyError) as e:
+        except (CheckpointError, OSError, ValueError, KeyError, TypeError) as e:
             logger.error("checkpoint %s is unusable: %s; falling back to the previous one", folder, e)
             bad = folder.with_name(folder.name + ".corrupt")
             shutil.rmtree(bad, ignore_errors=True)
@@ -404,8 +445,9 @@ class Trainer:
             logger.info("saved %s", folder)
         _barrier(self.d)
 
-    def resume(self) -> None:
-        """Load the newest good checkpoint: weights, EMA, optimizer, RNG states and data position."""
+    def resume(self, restart: bool = False) -> None:
+        """Load the newest good checkpoint: weights, EMA, optimizer, RNG states and data position.
+        Without a usable one a run that has trained stops with an error, unless `restart`."""
         from torch.distributed.checkpoint.state_dict import (
             StateDictOptions,
             set_model_state_dict,
@@ -414,9 +456,18 @@ class Trainer:
 
         folder = _broadcast(pick_checkpoint(self.ckpt_root) if self.d.main else None, self.d)
         if folder is None:
-            logger.warning("no checkpoint to resume from in %s: starting at step 0", self.ckpt_root)
+            trained = False  # decided on rank 0, which alone reads the run folder
             if self.d.main:
-                self._trim_metrics(0)
+                corrupt = list(self.ckpt_root.glob("step-*.corrupt")) if self.ckpt_root.is_dir() else []
+                trained = bool(corrupt) or any(r["step"] > 0 for r in read_metrics(self.out / "metrics.jsonl"))
+            if _broadcast(trained, self.d) and not restart:
+                raise UserError(f"no usable checkpoint in {self.ckpt_root} (the corrupt ones are renamed *.corrupt), "
+                                "but this run has trained: pass --restart to start again at step 0")  # fmt: skip
+            logger.warning("no checkpoint to resume from in %s: starting at step 0", self.ckpt_root)
+            if self.d.main and (self.out / "metrics.jsonl").exists():
+                kept = self.out / f"metrics.{int(time.time())}.jsonl"
+                os.replace(self.out / "metrics.jsonl", kept)  # the old run's metrics stay, under another name
+                logger.warning("the earlier metrics are kept in %s", kept)
             return
         state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
         if state["stage"] != self.cfg.stage:
@@ -459,11 +510,14 @@ class Trainer:
             e.copy_(distribute_tensor(v, e.device_mesh, e.placements) if isinstance(e, DTensor) else v)
 
     def _trim_metrics(self, step: int) -> None:
-        """Drop metrics logged after the checkpoint we resume from: those steps run again."""
+        """Drop metrics logged after the checkpoint we resume from: those steps run again. Written
+        whole (temporary file, then rename)."""
         path = self.out / "metrics.jsonl"
         if path.exists():
-            lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
-            path.write_text("".join(ln + "\n" for ln in lines if json.loads(ln)["step"] <= step), encoding="utf-8")
+            kept = "".join(json.dumps(r) + "\n" for r in read_metrics(path) if r["step"] <= step)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(kept, encoding="utf-8")
+            os.replace(tmp, path)
 
     # -- outputs ------------------------------------------------------------------------------
     def export(self) -> None:
@@ -585,10 +639,12 @@ class Trainer:
         if self.d.main:
             save_file({k: v.contiguous() for k, v in grads.items()}, path)
 
-    def run(self, resume: bool, on_step: Callable[[int, float], None] | None) -> TrainResult:
+    def run(self, resume: bool, on_step: Callable[[int, float], None] | None, restart: bool = False) -> TrainResult:
         cfg, d = self.cfg, self.d
+        if d.main:
+            remove_stale_writes(self.ckpt_root)
         if resume:
-            self.resume()
+            self.resume(restart)
         elif list_checkpoints(self.ckpt_root):
             raise UserError(f"{self.out} already has checkpoints: pass --resume, or another --output-dir")
         if d.main:
@@ -687,13 +743,15 @@ def train(
     resume: bool = False,
     on_step: Callable[[int, float], None] | None = None,
     allow_pipe_urls: bool = False,
+    restart: bool = False,
 ) -> TrainResult:
     """Train `cfg`'s stage in this process (one of many under torchrun). `on_step(step, loss)` runs
     after each step (after its checkpoint): a hook for tests and notebooks. `allow_pipe_urls`: data
-    URLs that run shell commands (webdataset's `pipe:`) are allowed; only the CLI flag sets it."""
+    URLs that run shell commands (webdataset's `pipe:`) are allowed; only the CLI flag sets it.
+    `restart`: with `resume` and no usable checkpoint, start again at step 0 instead of stopping."""
     d = setup_distributed(cfg)
     try:
-        return Trainer(cfg, d, allow_pipe_urls).run(resume, on_step)
+        return Trainer(cfg, d, allow_pipe_urls).run(resume, on_step, restart)
     finally:
         if d.owns_group:
             dist.destroy_process_group()
