@@ -4,6 +4,7 @@ files, `wuerstchen convert`, and folders written by `save_pretrained` loading in
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from tolerance import max_abs
 
 from wuerstchen import WuerstchenPipeline
 from wuerstchen.cli import main as cli_main
+from wuerstchen.errors import UserError
 from wuerstchen.io.checkpoint import WEIGHTS_NAME, load_model
 from wuerstchen.io.folders import resolve_folder
 from wuerstchen.models.semantic import SEMANTIC_PRESETS, SemanticCompressor
@@ -202,3 +204,54 @@ def test_png_parameters_cannot_be_forged_by_a_prompt(tmp_path):
     assert lines[0] == "a cat Negative prompt: forged  Steps: 999 " and lines[1] == "Negative prompt: dog Seed: 1"
     assert len(lines) == 3 and lines[2].startswith("Steps: 2,")
     assert read_png_parameters(tmp_path / "x.png")["prompt"] == prompt
+
+
+def _edit(folder, name: str, change) -> None:
+    path = folder / name
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(change(data)))
+
+
+@pytest.mark.parametrize(
+    "name,change,words",
+    [
+        ("prior_prior/config.json", lambda d: d | {"depth": 10**7}, "depth = 10000000: each integer must be from"),
+        ("vqgan/config.json", lambda d: {k: (10**9 if isinstance(v, int) else v) for k, v in d.items()},
+         "each integer must be from 1 to 131072"),
+        ("prior_prior/config.json", lambda d: d | {"nhead": 0}, "nhead=0 must be ≥ 1 and divide"),
+        ("prior_prior/config.json", lambda d: d | {"c": -1}, "c = -1: each integer must be from 1"),
+        ("prior_prior/config.json", lambda d: d | {"c": "abc"}, "c = 'abc' is not a int"),
+        ("prior_prior/config.json", lambda d: [d], "must hold a JSON object, not a list"),
+        ("decoder/config.json", lambda d: d | {"nhead": [*d["nhead"], 1]}, "entries each"),
+        ("model_index.json", lambda d: d | {"resolution_multiple": 0}, "resolution_multiple = 0 must be > 0"),
+        ("model_index.json", lambda d: d | {"default_size": 10**9}, "default_size = 1000000000: each integer"),
+    ],
+    ids=["depth", "vqgan ints", "nhead 0", "c -1", "c text", "a list", "lengths", "multiple 0", "huge size"],
+)  # fmt: skip
+def test_a_corrupt_config_is_one_line_naming_its_file(tiny_folder, tmp_path, name, change, words):
+    """Checked before anything is built or allocated (a depth of 10⁷ used to hang)."""
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    _edit(folder, name, change)
+    with pytest.raises(UserError) as err:
+        WuerstchenPipeline.from_pretrained(folder)
+    message = str(err.value)
+    assert words in message and str(folder / name.split("/")[0]) in message and "\n" not in message, message
+
+
+def test_only_regular_files_are_read(tiny_folder, tmp_path):
+    import os
+    import shutil
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_folder, folder)
+    weights = folder / "vqgan" / WEIGHTS_NAME
+    weights.unlink()
+    os.mkfifo(weights)  # reading it would block forever
+    with pytest.raises(UserError, match="not a regular file"):
+        WuerstchenPipeline.from_pretrained(folder)
+    (folder / "decoder" / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match=r"decoder/config.json: not valid JSON"):
+        WuerstchenPipeline.from_pretrained(folder)

@@ -61,7 +61,10 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: d
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a safetensors file (memory-mapped); a truncated or corrupt file is a clear error."""
+    """Read a safetensors file (memory-mapped); a truncated or corrupt file is a clear error, and
+    only a regular file is read (a FIFO would block forever)."""
+    if not Path(path).is_file():
+        raise UserError(f"{path}: not a regular file" if Path(path).exists() else f"{path} is missing")
     try:
         return load_file(str(path), device="cpu")
     except (SafetensorError, OSError, RuntimeError) as e:
@@ -136,7 +139,10 @@ def _read_state(folder: Path, variant: str | None = None) -> dict[str, torch.Ten
         return load_tensors(single)
     if index.exists():  # sharded: {"weight_map": {key: file}}
         state: dict[str, torch.Tensor] = {}
-        for shard in sorted(set(read_json(index)["weight_map"].values())):
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{index}: no weight_map of tensor names to file names")
+        for shard in sorted(set(weight_map.values())):
             if Path(shard).name != shard:  # a file beside the index, never a path elsewhere
                 raise UserError(f"{index}: shard {shard!r} is not a file name in {folder}")
             state.update(load_tensors(folder / shard))

@@ -28,6 +28,7 @@ import torch
 
 from ..assets import SHIPPED_MODEL_NAME, shipped_model
 from ..hardware import resolve_dtype
+from ..models.config import config_from_dict
 from ..models.stage_a import StageA
 from ..models.stage_b import StageB
 from ..models.stage_c import StageC
@@ -331,7 +332,8 @@ def load_pipeline(
         image_encoder=parts.get("image_encoder"),
         feature_extractor=parts.get("feature_extractor"),
         previewer=parts.get("previewer"),
-        settings=PipelineSettings(**{k: v for k, v in settings.items() if k in known}),
+        settings=config_from_dict(PipelineSettings, {k: v for k, v in settings.items() if k in known},
+                                  f"{root / 'model_index.json'}"),  # fmt: skip
     )
     if device is not None:
         pipe.to(device)

@@ -59,6 +59,17 @@ class CascadeUNetConfig:
     timestep_conditioning_type: tuple[str, ...] = ("sca", "crp")
     switch_level: tuple[bool, ...] | None = None
 
+    def __post_init__(self) -> None:
+        n = len(self.block_out_channels)
+        lists = (self.num_attention_heads, self.down_num_layers_per_block, self.up_num_layers_per_block,
+                 self.block_types_per_layer)  # fmt: skip
+        if not n or any(len(t) != n for t in lists):
+            raise UserError(f"CascadeUNetConfig: the per-level lists need {n} entries each (block_out_channels)")
+        for c, heads, kinds in zip(self.block_out_channels, self.num_attention_heads, self.block_types_per_layer,
+                                   strict=True):  # fmt: skip
+            if any("Attn" in k for k in kinds) and (heads < 1 or c % heads):
+                raise UserError(f"CascadeUNetConfig: a level with attention needs heads ≥ 1 dividing {c}, got {heads}")
+
     def per_level(self, value: float | bool | tuple) -> tuple:
         return value if isinstance(value, tuple) else (value,) * len(self.block_out_channels)
 

@@ -38,6 +38,14 @@ class StageBConfig:
     kernel_size: int = 3
     dropout: float | tuple[float, ...] = 0.1
 
+    def __post_init__(self) -> None:
+        n = len(self.c_hidden)
+        if not n or any(len(t) != n for t in (self.nhead, self.blocks, self.level_config, self.inject_effnet)):
+            raise UserError(f"StageBConfig: c_hidden, nhead, blocks, level_config, inject_effnet need {n} entries each")
+        for c, heads, kinds in zip(self.c_hidden, self.nhead, self.level_config, strict=True):
+            if "A" in kinds and (heads < 1 or c % heads):
+                raise UserError(f"StageBConfig: a level with attention needs heads ≥ 1 dividing {c}, got {heads}")
+
     @property
     def stride(self) -> int:
         """How much the latent side shrinks at the deepest level: sides must divide by it."""

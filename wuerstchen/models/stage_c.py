@@ -29,6 +29,10 @@ class StageCConfig:
     nhead: int = 16
     dropout: float = 0.1
 
+    def __post_init__(self) -> None:
+        if self.nhead < 1 or self.c % self.nhead:
+            raise UserError(f"StageCConfig: nhead={self.nhead} must be ≥ 1 and divide c={self.c}")
+
 
 STAGE_C_PRESETS: dict[str, StageCConfig] = {
     # The released v2 prior (CLIP ViT-bigG/14 text states, 1280 wide): ~994M parameters.
