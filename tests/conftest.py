@@ -75,3 +75,20 @@ def tiny_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny") / "model"
     random_pipeline("tiny", seed=1, semantic=True).save_pretrained(folder)  # with a compressor: image inputs
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_cascade_folder(tmp_path_factory):
+    """A Stable Cascade pipeline folder with our tiny random weights (tiny-c, tiny-b) and a tiny CLIP
+    image encoder (32 px), so image embeddings are part of training."""
+    from tiny import clip_vision_model
+    from transformers import CLIPImageProcessor
+
+    from wuerstchen.testing import random_cascade_pipeline
+
+    pipe = random_cascade_pipeline("tiny", seed=1)
+    pipe.image_encoder = clip_vision_model(7, projection=pipe.prior.config.clip_image_in_channels)
+    pipe.feature_extractor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    folder = tmp_path_factory.mktemp("tiny-cascade") / "model"
+    pipe.save_pretrained(folder)
+    return folder

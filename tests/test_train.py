@@ -261,7 +261,7 @@ def test_cli_help_and_mistakes(tmp_path: Path, capsys) -> None:
         (["--strategy", "horovod"], "ddp or fsdp"),
         (["--settings", '{"resolution_multiplier": 16}'], "--settings: unknown key(s) ['resolution_multiplier']"),
         (["--settings", "16"], "--settings must be a JSON object"),
-        (["--loss-weighting", "snr"], "--loss-weighting must be p2 or uniform"),
+        (["--loss-weighting", "snr"], "--loss-weighting must be p2, uniform or adaptive"),
         (["--x0-weight", "-1"], "--x0-weight must be in [0, 100]"),
     ):
         with pytest.raises(SystemExit) as exit_info:

@@ -22,9 +22,11 @@ from wuerstchen.train.config import build_config
 from wuerstchen.train.loop import DUMP_GRADS_ENV, train
 
 STAGES = {
-    # Stage C fine-tunes the tiny prior at 128 px; Stage B trains the tiny decoder at 64 px.
+    # Stage C fine-tunes the tiny prior at 128 px; Stage B trains the tiny decoder at 64 px; "c3"
+    # fine-tunes the tiny Stable Cascade prior (image embeddings for half the samples).
     "c": dict(semantic="tiny", image_size=128, lr=1e-3),
     "b": dict(model="tiny", semantic="tiny", image_size=64, lr=1e-3),
+    "c3": dict(semantic="tiny", image_size=128, lr=1e-3, image_embed_rate=0.5),
 }
 
 
@@ -43,16 +45,18 @@ def flags(values: dict) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, tiny_folder: Path) -> dict:
+def setup(tmp_path_factory, tiny_folder: Path, tiny_cascade_folder: Path) -> dict:
     root = tmp_path_factory.mktemp("ddp")
     data = {size: make_data(root / f"data{size}", size=size) for size in (64, 128)}
     common = QUIET | dict(max_steps=2, checkpoint_every=2)
     runs = {}
-    for stage, values in STAGES.items():
-        source = {"init_from" if stage == "c" else "pipeline": str(tiny_folder)}
+    for name, values in STAGES.items():
+        stage = name[0]
+        folder = tiny_cascade_folder if name == "c3" else tiny_folder
+        source = {"init_from" if stage == "c" else "pipeline": str(folder)}
         base = common | values | source | {"data": str(data[values["image_size"]])}
         # The reference: one process, the global batch of 4 as 2 micro-batches of 2.
-        out, grads = root / f"single-{stage}", root / f"single-{stage}.safetensors"
+        out, grads = root / f"single-{name}", root / f"single-{name}.safetensors"
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv(DUMP_GRADS_ENV, str(grads))
             threads = torch.get_num_threads()
@@ -61,7 +65,7 @@ def setup(tmp_path_factory, tiny_folder: Path) -> dict:
                 train(build_config(stage, base | dict(batch_size=2, grad_accum=2, output_dir=str(out))))
             finally:
                 torch.set_num_threads(threads)
-        runs[stage] = dict(base=base, out=out, grads=grads)
+        runs[name] = dict(base=base, out=out, grads=grads)
     return {"root": root, "runs": runs}
 
 
@@ -69,12 +73,12 @@ def metrics(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("strategy, stage", [("ddp", "c"), ("fsdp", "b")])
-def test_two_processes_match_one(strategy: str, stage: str, setup: dict) -> None:
+@pytest.mark.parametrize("strategy, name", [("ddp", "c"), ("fsdp", "b"), ("ddp", "c3")])
+def test_two_processes_match_one(strategy: str, name: str, setup: dict) -> None:
     if strategy == "fsdp" and not hasattr(torch.distributed.fsdp, "fully_shard"):
         pytest.skip("this torch has no FSDP2 (torch.distributed.fsdp.fully_shard)")
-    run = setup["runs"][stage]
-    out, grads = setup["root"] / f"{strategy}-{stage}", setup["root"] / f"{strategy}-{stage}.safetensors"
+    run, stage = setup["runs"][name], name[0]
+    out, grads = setup["root"] / f"{strategy}-{name}", setup["root"] / f"{strategy}-{name}.safetensors"
     values = run["base"] | dict(batch_size=2, strategy=strategy, output_dir=str(out))
     if strategy == "fsdp":
         values["fsdp_sharding"] = "full_shard"

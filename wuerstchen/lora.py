@@ -50,6 +50,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
 from safetensors import safe_open
 from torch import Tensor, nn
 
@@ -60,6 +61,9 @@ if TYPE_CHECKING:
     from .pipeline import WuerstchenPipeline
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+RESBLOCK_TARGETS = ("channelwise.0", "channelwise.4")  # the two Linears of every ResBlock's MLP
+TARGET_SETS = {"attention": DEFAULT_TARGETS, "attention+resblock": DEFAULT_TARGETS + RESBLOCK_TARGETS}
+COMFY_PREFIX = "lora_prior_unet_"  # ComfyUI's (comfy/lora.py `model_lora_keys_unet`) Stable Cascade prior keys
 LORA_WEIGHTS_NAME = "pytorch_lora_weights.safetensors"  # diffusers' file name inside a LoRA folder
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' header key for the LoraConfig JSON
 PREFIX = "prior"  # the component name in the keys (diffusers' WuerstchenPriorPipeline.unet_name)
@@ -373,3 +377,144 @@ def unload_lora(pipe: WuerstchenPipeline, adapter_name: str | None = None) -> No
     the base model again (the same modules and tensors as before loading)."""
     if pipe.prior is not None and (adapter_name is not None or _adapters(pipe.prior)):
         remove_lora(pipe.prior, adapter_name)
+
+
+# ----------------------------------------------------------------------------- other tools' formats
+#
+# ComfyUI (comfy/lora.py `model_lora_keys_unet`): for Stable Cascade's prior, every weight
+# `diffusion_model.<path>.weight` of its U-Net is addressed as `lora_prior_unet_<path, dots as _>`,
+# with kohya's `.lora_down.weight` (r, in), `.lora_up.weight` (out, r) and `.alpha` (update scale
+# alpha / r). ComfyUI's own Stable Cascade modules (comfy/ldm/cascade/) name the attention
+# `attention.attn.to_q/to_k/to_v/out_proj`, which is where ours differ (`attention.to_q`, `to_out.0`).
+#
+# The official trainer (Stability-AI/StableCascade `train/train_c_lora.py`, `modules/lora.py`) saves
+# an `nn.ModuleDict` {embeddings: ReToken, weights: ModuleList[LoRA]}: keys `weights.<i>.lora_down`
+# (r, in) and `weights.<i>.lora_up` (out, r), scale alpha / r with alpha 1, one per parametrized
+# tensor of the modules whose names contain a filter (its config: `.attn`), in `generator.modules()`
+# order. There each attention's `nn.MultiheadAttention` gets two: its `out_proj.weight` first (the
+# out_proj child comes before the `parametrizations` child the LoRA adds), then `in_proj_weight`, q, k
+# and v stacked; the attention blocks in module order (down levels, then up levels), as ours.
+# `embeddings.*` (new token embeddings for the text encoder) have no place in a prior LoRA.
+
+_COMFY_PATH = re.compile(
+    r"(down|up)_blocks_(\d+)_(\d+)_(attention_attn_to_[qkv]|attention_attn_out_proj|channelwise_[04])"
+)
+_OURS_FROM_COMFY = {"attention_attn_to_q": "attention.to_q", "attention_attn_to_k": "attention.to_k",
+                    "attention_attn_to_v": "attention.to_v", "attention_attn_out_proj": "attention.to_out.0",
+                    "channelwise_0": "channelwise.0", "channelwise_4": "channelwise.4"}  # fmt: skip
+
+
+def _alphas(state: dict[str, Tensor], header: dict[str, Any]) -> dict[str, float]:
+    """Module path → alpha for our keys: the header's alpha (and alpha_pattern), else the rank."""
+    suffix = ".lora_A.weight"
+    ranks = {k[len(PREFIX) + 1 : -len(suffix)]: t.shape[0] for k, t in state.items() if k.endswith(suffix)}
+    pattern = header.get("alpha_pattern") or {}
+    out = {}
+    for path, rank in ranks.items():
+        hits = [a for p, a in pattern.items() if re.fullmatch(p, path) or re.search(f"(^|\\.){p}$", path)]
+        out[path] = float(hits[0] if hits else header.get("lora_alpha", rank))
+    return out
+
+
+def to_comfyui(state: dict[str, Tensor], header: dict[str, Any]) -> dict[str, Tensor]:
+    """Our (diffusers/peft) keys `prior.<path>.lora_{A,B}.weight` → ComfyUI's `lora_prior_unet_*`
+    `lora_down`/`lora_up`/`alpha` keys (a Stable Cascade prior's paths only)."""
+    out: dict[str, Tensor] = {}
+    for path, alpha in _alphas(state, header).items():
+        name = COMFY_PREFIX + _official_path(path).replace(".", "_")
+        out[f"{name}.lora_down.weight"] = state[f"{PREFIX}.{path}.lora_A.weight"].contiguous()
+        out[f"{name}.lora_up.weight"] = state[f"{PREFIX}.{path}.lora_B.weight"].contiguous()
+        out[f"{name}.alpha"] = torch.tensor(alpha)
+    return out
+
+
+def from_comfyui(state: dict[str, Tensor], source: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """ComfyUI's `lora_prior_unet_*` keys of a Stable Cascade prior → ours and the header fields
+    (`lora_alpha`, `alpha_pattern`), without a model: the U-Net's paths are unambiguous."""
+    mapped = {}
+    for key, tensor in state.items():
+        match = _KOHYA.fullmatch(key)
+        path = _COMFY_PATH.fullmatch(match["name"]) if match else None
+        if path is None:
+            raise UserError(f"{source}: {key} is not a Stable Cascade prior LoRA key (lora_prior_unet_<block>_…)")
+        level, block, index, layer = path.groups()
+        mapped[(f"{level}_blocks.{block}.{index}.{_OURS_FROM_COMFY[layer]}", match["part"])] = tensor
+    out, alphas = {}, {}
+    for (path, part), tensor in mapped.items():
+        if part == "alpha":
+            alphas[path] = float(tensor)
+        else:
+            out[f"{PREFIX}.{path}.lora_{'A' if part.startswith('lora_down') else 'B'}.weight"] = tensor
+    return _with_alphas(out, alphas)
+
+
+def _with_alphas(out: dict[str, Tensor], alphas: dict[str, float]) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    suffix = ".lora_A.weight"
+    ranks = {k[len(PREFIX) + 1 : -len(suffix)]: t.shape[0] for k, t in out.items() if k.endswith(suffix)}
+    alphas = {p: alphas.get(p, float(r)) for p, r in ranks.items()}  # no alpha: alpha = rank (scale 1)
+    common = Counter(alphas.values()).most_common(1)[0][0] if alphas else 1.0
+    return out, {"lora_alpha": common, "alpha_pattern": {re.escape(p): a for p, a in alphas.items() if a != common}}
+
+
+def from_official(model: nn.Module, state: dict[str, Tensor], source: str) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The official trainer's `weights.<i>.lora_down/up` (attention filter `.attn`) → ours, for the
+    prior `model` whose attention blocks they follow (module order, see above): out_proj → to_out.0,
+    the stacked in_proj → to_q/to_k/to_v with the one shared down factor and thirds of the up factor
+    (an exact split: ΔW_q = up[:c]·down, …). alpha 1, as the official LoRA."""
+    from .models.blocks import AttnBlock
+
+    attention = [name for name, m in model.named_modules() if isinstance(m, AttnBlock)]
+    indices = sorted({int(k.split(".")[1]) for k in state if k.startswith("weights.")})
+    factor = re.compile(r"weights\.\d+\.lora_(down|up)")
+    extra = sorted(k for k in state if not factor.fullmatch(k) and not k.startswith("embeddings."))
+    if extra or len(indices) != 2 * len(attention) or indices != list(range(len(indices))):
+        raise UserError(f"{source}: not an official Stable Cascade attention LoRA for this prior ({len(attention)} "
+                        f"attention blocks want weights.0 … weights.{2 * len(attention) - 1}; found "
+                        f"{len(indices)} layers{', extra keys ' + ', '.join(extra[:4]) if extra else ''})")  # fmt: skip
+    out: dict[str, Tensor] = {}
+    for i, block in enumerate(attention):
+        down_o, up_o = state[f"weights.{2 * i}.lora_down"], state[f"weights.{2 * i}.lora_up"]
+        down_in, up_in = state[f"weights.{2 * i + 1}.lora_down"], state[f"weights.{2 * i + 1}.lora_up"]
+        c = up_o.shape[0]
+        if up_in.shape[0] != 3 * c:
+            raise UserError(f"{source}: weights.{2 * i + 1} is not a stacked q/k/v LoRA of width {c}")
+        out[f"{PREFIX}.{block}.attention.to_out.0.lora_A.weight"] = down_o
+        out[f"{PREFIX}.{block}.attention.to_out.0.lora_B.weight"] = up_o
+        for j, name in enumerate(("to_q", "to_k", "to_v")):
+            out[f"{PREFIX}.{block}.attention.{name}.lora_A.weight"] = down_in.clone()
+            out[f"{PREFIX}.{block}.attention.{name}.lora_B.weight"] = up_in[j * c : (j + 1) * c].clone()
+    return _with_alphas(out, {k[len(PREFIX) + 1 : -len(".lora_A.weight")]: 1.0 for k in out if "lora_A" in k})
+
+
+def lora_format(state: dict[str, Tensor]) -> str:
+    """"ours" (diffusers/peft keys), "comfyui" (`lora_prior_unet_*`) or "official" (`weights.<i>.…`)."""
+    if state and all(k.startswith(COMFY_PREFIX) for k in state):
+        return "comfyui"
+    if state and any(k.startswith("weights.") for k in state):
+        return "official"
+    return "ours"
+
+
+def convert_lora(src: str | Path, dst: str | Path, to: str, model: nn.Module | None = None) -> Path:
+    """Rewrite a Stable Cascade prior LoRA file in another tool's format: `to` is "ours" (diffusers/
+    peft keys, our loader and diffusers' `load_lora_weights`) or "comfyui". Reading the official
+    trainer's file needs the prior `model` (its layers are numbered, not named)."""
+    if to not in ("ours", "comfyui"):
+        raise UserError(f"LoRA format {to!r}: write ours or comfyui")
+    path = _lora_file(src)
+    state, header = load_tensors(path), _header(path)
+    kind = lora_format(state)
+    if kind == "comfyui":
+        state, header = from_comfyui(state, str(path))
+    elif kind == "official":
+        if model is None:
+            raise UserError(f"{path}: an official-trainer LoRA numbers its layers: give the prior it was trained on")
+        state, header = from_official(model, state, str(path))
+    if to == "comfyui":
+        save_tensors(to_comfyui(state, header), Path(dst), metadata={"format": "pt"})
+    else:
+        ranks = Counter(t.shape[0] for k, t in state.items() if k.endswith(".lora_A.weight"))
+        summary = {f"{PREFIX}.r": ranks.most_common(1)[0][0], f"{PREFIX}.lora_alpha": header.get("lora_alpha"),
+                   f"{PREFIX}.alpha_pattern": header.get("alpha_pattern") or {}}  # fmt: skip
+        save_tensors(state, Path(dst), metadata={"format": "pt", METADATA_KEY: json.dumps(summary, sort_keys=True)})
+    return Path(dst)

@@ -12,6 +12,7 @@ second trains from it (building it first if it is missing). The file holds
 
     text           (N, 77, D)   last hidden states of each caption
     empty_text     (77, D)      the empty caption's states, for caption dropout
+    pooled, empty_pooled  (N, 1, D'), (1, D')  Stable Cascade only: the pooled text embeddings
     semantic.{i}   (N_i, 16, h, w) semantic latents of the items of shape i (one per bucket)
 
 and JSON metadata: the items (key, caption, shape, row), the skipped items and a fingerprint of the
@@ -43,8 +44,9 @@ logger = logging.getLogger(__name__)
 CACHE_FORMAT = "wuerstchen-stage-c-cache/1"
 
 
-def fingerprint(cfg: StageCTrainConfig, resolution_multiple: float) -> dict[str, Any]:
-    """What the cached tensors depend on; a cache is reused only when all of it matches."""
+def fingerprint(cfg: StageCTrainConfig, resolution_multiple: float, pooled: bool = False) -> dict[str, Any]:
+    """What the cached tensors depend on; a cache is reused only when all of it matches. `pooled`:
+    the cache holds pooled text embeddings too (Stable Cascade's prior reads them)."""
     data = str(Path(cfg.data).resolve()) if cfg.data and Path(cfg.data).exists() else cfg.data
     return {
         "data": data,
@@ -54,30 +56,36 @@ def fingerprint(cfg: StageCTrainConfig, resolution_multiple: float) -> dict[str,
         "text_encoder": cfg.text_encoder or cfg.init_from or cfg.pipeline,
         "semantic": cfg.semantic or cfg.init_from or cfg.pipeline,
         "resolution_multiple": resolution_multiple,
-    }
+    } | ({"pooled": True} if pooled else {})
 
 
 @torch.no_grad()
 def build_cache(
     path: Path,
     source: Dataset,
-    encode_text: Callable[[list[str]], Tensor],
+    encode_text: Callable[[list[str]], Tensor | tuple[Tensor, Tensor]],
     encode_semantic: Callable[[Tensor], Tensor],
     device: torch.device,
     cfg: StageCTrainConfig,
     expected: dict[str, Any],
 ) -> None:
     """Run the frozen encoders over `source` (a data set with a skip log) once and write the cache
-    file atomically: `encode_text(captions)` → (B, 77, D) text states, `encode_semantic(images)` →
+    file atomically: `encode_text(captions)` → (B, 77, D) text states (or those and the (B, 1, D')
+    pooled embeddings), `encode_semantic(images)` →
     (B, 16, h, w) semantic latents; `expected` is the fingerprint stored with it."""
     dtype = torch.bfloat16 if cfg.cache_dtype == "bfloat16" else torch.float32
     loader = make_loader(source, cfg.batch_size, cfg.num_workers, seed=0, shuffle=False, drop_last=False)
     loader.set_epoch(0)
     texts: list[Tensor] = []
+    pooled: list[Tensor] = []
     shapes: dict[tuple[int, ...], list[Tensor]] = {}
     index: list[list[Any]] = []
     for batch in tqdm(loader, desc="caching text states and semantic latents", disable=None if cfg.progress else True):
-        texts.append(encode_text(batch["caption"]).cpu())
+        encoded = encode_text(batch["caption"])
+        if isinstance(encoded, tuple):
+            encoded, pooled_rows = encoded
+            pooled.append(pooled_rows.cpu())
+        texts.append(encoded.cpu())
         latents = encode_semantic(batch["image"].to(device))
         shape = tuple(latents.shape[1:])
         rows = shapes.setdefault(shape, [])
@@ -87,7 +95,11 @@ def build_cache(
         rows.append(latents.cpu())
     if not index:
         raise UserError(f"{cfg.data}: no items to cache")
-    tensors = {"text": torch.cat(texts).to(dtype), "empty_text": encode_text([""])[0].to(dtype)}
+    empty = encode_text([""])
+    empty_text, empty_pooled = empty if isinstance(empty, tuple) else (empty, None)
+    tensors = {"text": torch.cat(texts).to(dtype), "empty_text": empty_text[0].to(dtype)}
+    if pooled:
+        tensors |= {"pooled": torch.cat(pooled).to(dtype), "empty_pooled": empty_pooled[0].to(dtype)}
     for i, rows in enumerate(shapes.values()):
         tensors[f"semantic.{i}"] = torch.cat(rows).to(dtype)
     metadata = {
@@ -122,6 +134,7 @@ class StageCCache(SkipLog, Dataset):
             )
         tensors = load_tensors(path)
         self.text, self.empty_text = tensors["text"], tensors["empty_text"]
+        self.pooled, self.empty_pooled = tensors.get("pooled"), tensors.get("empty_pooled")
         self.semantic = [tensors[f"semantic.{i}"] for i in range(sum(k.startswith("semantic.") for k in tensors))]
         self.index = json.loads(meta["index"])
         self.bucket_ids = [shape_id for _, _, shape_id, _ in self.index]
@@ -132,16 +145,14 @@ class StageCCache(SkipLog, Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         key, caption, shape_id, row = self.index[i]
-        return {"text": self.text[i], "semantic": self.semantic[shape_id][row], "caption": caption, "key": key}
+        item = {"text": self.text[i], "semantic": self.semantic[shape_id][row], "caption": caption, "key": key}
+        return item | ({"pooled": self.pooled[i]} if self.pooled is not None else {})
 
 
 def collate_cached(items: list[dict[str, Any]]) -> dict[str, Any]:
-    return {
-        "text": torch.stack([item["text"] for item in items]),
-        "semantic": torch.stack([item["semantic"] for item in items]),
-        "caption": [item["caption"] for item in items],
-        "key": [item["key"] for item in items],
-    }
+    names = [name for name in ("text", "semantic", "pooled") if name in items[0]]
+    out = {name: torch.stack([item[name] for item in items]) for name in names}
+    return out | {"caption": [item["caption"] for item in items], "key": [item["key"] for item in items]}
 
 
 class CacheLoader(DataLoader):

@@ -58,8 +58,16 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "recompute block activations in the backward pass (less memory)")
     seed: int = opt(0, "seed of weights, data order, noise and timesteps")
     # model
-    model: str | dict | None = opt(None, "preset (tiny, medium, official-v2), a config.json path, or a JSON object")
-    init_from: str | None = opt(None, "pipeline folder or hub id to fine-tune from; frozen parts come from it too")
+    model: str | dict | None = opt(
+        None,
+        "preset (v2: tiny, medium, official-v2; Stable Cascade: tiny-c/-b, medium-c/-b, stage-c[-lite], "
+        "stage-b[-lite]), a config.json path, or a JSON object",
+    )
+    init_from: str | None = opt(
+        None,
+        "pipeline folder or hub id to fine-tune from (frozen parts come from it too), or an official Stable "
+        "Cascade single file (stage_c*.safetensors, stage_b*.safetensors; frozen parts from --pipeline)",
+    )
     pipeline: str | None = opt(None, "pipeline folder or hub id for the frozen parts only (text encoders, VQGAN, ...)")
     settings: str | dict | None = opt(
         None,
@@ -68,6 +76,10 @@ class TrainConfig:
     )
     lora_rank: int = opt(0, "train LoRA adapters of this rank on the attention layers (0: full fine-tune)")
     lora_alpha: float | None = opt(None, "LoRA alpha (default: the rank)")
+    lora_targets: str = opt(
+        "attention", "LoRA layers: attention (to_q/k/v/out), or attention+resblock (also the ResBlocks' two Linears)"
+    )
+    optimizer: str = opt("adamw", "adamw (torch) or adamw8bit (bitsandbytes' 8-bit AdamW: CUDA only, less memory)")
     # scale
     strategy: str = opt("ddp", "under torchrun: ddp or fsdp")
     fsdp_sharding: str = opt("shard_grad_op", "FSDP: shard_grad_op (keep params gathered in the step) or full_shard")
@@ -123,6 +135,10 @@ class TrainConfig:
                 raise UserError(f"--settings: unknown key(s) {unknown}; known: {known}")
         if self.lora_rank < 0:
             raise UserError("--lora-rank must not be negative")
+        if self.lora_targets not in ("attention", "attention+resblock"):
+            raise UserError(f"--lora-targets must be attention or attention+resblock, got {self.lora_targets!r}")
+        if self.optimizer not in ("adamw", "adamw8bit"):
+            raise UserError(f"--optimizer must be adamw or adamw8bit, got {self.optimizer!r}")
         if self.lora_rank and self.strategy == "fsdp":
             raise UserError("LoRA with --strategy fsdp is not supported: use ddp (LoRA weights are small)")
         if self.lora_rank and not self.init_from:
@@ -150,16 +166,18 @@ class DiffusionTrainConfig(TrainConfig):
     caption_drop: float = opt(0.05, "probability of training on the empty caption (for classifier-free guidance)")
     loss_weighting: str = opt(
         "p2",
-        "weight of each sample's ε loss: p2 (official: 1 − ᾱ, little weight on low noise) or uniform "
-        "(plain ε MSE: more weight on low noise, where a small model learns sharp detail)",
+        "weight of each sample's ε loss: p2 (official: 1 − ᾱ, little weight on low noise), uniform "
+        "(plain ε MSE: more weight on low noise, where a small model learns sharp detail) or, for Stable "
+        "Cascade, adaptive (GDF's AdaptiveLossWeight: 1 / the running loss of the sample's log-SNR bucket, "
+        "the official full fine-tunes' setting)",
     )
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 <= self.caption_drop <= 1:
             raise UserError(f"--caption-drop must be in [0, 1], got {self.caption_drop}")
-        if self.loss_weighting not in ("p2", "uniform"):
-            raise UserError(f"--loss-weighting must be p2 or uniform, got {self.loss_weighting!r}")
+        if self.loss_weighting not in ("p2", "uniform", "adaptive"):
+            raise UserError(f"--loss-weighting must be p2, uniform or adaptive, got {self.loss_weighting!r}")
 
 
 @dataclass(frozen=True)
@@ -169,6 +187,11 @@ class StageCTrainConfig(DiffusionTrainConfig):
     output_dir: str = opt("runs/stage-c", "folder for checkpoints, metrics, samples and the exported model")
     cache: str | None = opt(None, "safetensors cache of text states + semantic latents (built first if missing)")
     cache_dtype: str = opt("float32", "dtype of a new cache: float32 or bfloat16 (half the size)")
+    image_embed_rate: float = opt(
+        0.1,
+        "Stable Cascade: share of samples conditioned on their CLIP image embedding, the rest on zeros "
+        "(official: 10%%); needs the sources' image_encoder/, else every sample gets zeros",
+    )
     x0_weight: float = opt(
         0.0,
         "add this times the x0 error to the ε loss (e.g. 0.1): a signal for E[x0 | text] near t = 1, "
@@ -180,7 +203,7 @@ class StageCTrainConfig(DiffusionTrainConfig):
     def model_presets(self) -> dict[str, Any]:
         from ..models.stage_c import STAGE_C_PRESETS
 
-        return STAGE_C_PRESETS
+        return STAGE_C_PRESETS | _cascade_presets("c")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -188,6 +211,8 @@ class StageCTrainConfig(DiffusionTrainConfig):
             raise UserError("--cache stores one crop per image: it cannot be used with --random-crop or --flip")
         if self.cache_dtype not in ("float32", "bfloat16"):
             raise UserError(f"--cache-dtype must be float32 or bfloat16, got {self.cache_dtype!r}")
+        if not 0 <= self.image_embed_rate <= 1:
+            raise UserError(f"--image-embed-rate must be in [0, 1], got {self.image_embed_rate}")
         if not 0 <= self.x0_weight <= 100:
             raise UserError(f"--x0-weight must be in [0, 100], got {self.x0_weight}")
 
@@ -211,7 +236,7 @@ class StageBTrainConfig(DiffusionTrainConfig):
     def model_presets(self) -> dict[str, Any]:
         from ..models.stage_b import STAGE_B_PRESETS
 
-        return STAGE_B_PRESETS
+        return STAGE_B_PRESETS | _cascade_presets("b")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -250,6 +275,13 @@ class StageATrainConfig(TrainConfig):
             raise UserError("LoRA targets attention layers and Stage A has none: use --lora-rank 0")
         if self.recon_loss not in ("mse", "l1"):
             raise UserError(f"--recon-loss must be mse or l1, got {self.recon_loss!r}")
+
+
+def _cascade_presets(stage: str) -> dict[str, Any]:
+    """Stable Cascade's U-Net presets of a stage: stage-c, stage-c-lite, medium-c, tiny-c (or -b)."""
+    from ..models.cascade import CASCADE_PRESETS
+
+    return {k: v for k, v in CASCADE_PRESETS.items() if k.endswith(f"-{stage}") or f"-{stage}-" in k}
 
 
 CONFIGS: dict[str, type[TrainConfig]] = {"a": StageATrainConfig, "b": StageBTrainConfig, "c": StageCTrainConfig}

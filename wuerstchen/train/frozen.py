@@ -28,7 +28,9 @@ from .config import DiffusionTrainConfig, TrainConfig
 
 # The pipeline components the sources can supply (for the pipelines a task samples with and exports).
 PIPELINE_PARTS = ("prior", "prior_text_encoder", "prior_tokenizer", "decoder", "text_encoder", "tokenizer", "vqgan",
-                  "semantic")  # fmt: skip
+                  "semantic", "image_encoder", "feature_extractor")  # fmt: skip
+# What an official Stable Cascade single file must hold to give the component a task trains.
+_FILE_KINDS = {"prior": "stage_c", "decoder": "stage_b"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,11 +60,14 @@ def load_frozen_parts(
     encoder (`text`: the pipeline prefixes to take them from, in order; none: not needed), the
     semantic compressor, the VQGAN. `trains` is the pipeline attribute the task trains (prior,
     decoder, vqgan). A part that is needed and found nowhere is a UserError."""
-    init_pipe = WuerstchenPipeline.from_pretrained(cfg.init_from) if cfg.init_from else None
+    single_file = bool(cfg.init_from) and Path(cfg.init_from).is_file()
+    init_pipe = WuerstchenPipeline.from_pretrained(cfg.init_from) if cfg.init_from and not single_file else None
     parts_pipe = WuerstchenPipeline.from_pretrained(cfg.pipeline) if cfg.pipeline else None
     source = parts_pipe or init_pipe
     settings = source.settings if source else PipelineSettings(default_size=cfg.image_size)
     init_model = getattr(init_pipe, trains) if init_pipe else None  # ours to train, not a frozen part
+    if single_file:
+        init_model = _from_single_file(Path(cfg.init_from), trains)
     others: dict[str, Any] = {}
     for pipe in (parts_pipe, init_pipe):  # --init-from's parts win over --pipeline's
         if pipe is not None:
@@ -85,6 +90,21 @@ def load_frozen_parts(
         dataclasses.replace(settings, **(cfg.settings or {})), init_model, others, tokenizer=tokenizer,
         text_encoder=encoder, semantic=compressor, semantic_shipped=shipped, vqgan=frozen_vqgan,
     )  # fmt: skip
+
+
+def _from_single_file(path: Path, trains: str) -> nn.Module:
+    """The trained component from an official Stable Cascade file (or a ComfyUI bundle holding it)."""
+    from ..io.cascade_files import load_official_file
+
+    kind = _FILE_KINDS.get(trains)
+    if kind is None:
+        raise UserError(f"--init-from {path}: a single file gives a Stable Cascade prior or decoder, not a {trains}")
+    found = load_official_file(path)
+    found = next((p for p in found.parts.values() if p.kind == kind), found)
+    if found.kind != kind:
+        raise UserError(f"--init-from {path} holds {found.describe()}, not {kind.replace('_', ' ')}: pick the "
+                        f"{kind}*.safetensors file (frozen parts come from --pipeline)")  # fmt: skip
+    return found.model(torch.float32)
 
 
 def _load_text(cfg: DiffusionTrainConfig, others: dict[str, Any], prefixes: tuple[str, ...]) -> tuple[Any, nn.Module]:

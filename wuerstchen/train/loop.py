@@ -21,7 +21,8 @@ OUTPUT (only rank 0 writes):
     checkpoints/step-NNNNNN/         model/ema/optimizer .safetensors, state.json, manifest.json (sizes, sha256)
     prior/ | decoder/ (+semantic/) | vqgan/   the trained model, diffusers layout (EMA weights when EMA is on)
     pipeline/                        the whole pipeline, when the frozen parts came from a pipeline folder
-    lora.safetensors                 with --lora-rank, instead of the model folders
+    lora.safetensors                 with --lora-rank, instead of the model folders (+ lora_comfyui.safetensors
+                                     for a Stable Cascade prior: ComfyUI's lora_prior_unet_* keys)
 """
 
 from __future__ import annotations
@@ -168,6 +169,21 @@ def step_generator(seed: int, step: int, index: int, device: torch.device) -> to
     """The generator of micro-batch `index` (m · world_size + rank) of a step's global batch."""
     state = np.random.SeedSequence([seed, step, index]).generate_state(1, np.uint64)[0]
     return torch.Generator(device=device).manual_seed(int(state))
+
+
+def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter], device: torch.device) -> torch.optim.Optimizer:
+    """torch's AdamW, or bitsandbytes' 8-bit AdamW (`--optimizer adamw8bit`: its two moments in 8 bits,
+    2 bytes a parameter instead of 8; the official LoRA trainer's optimizer). bitsandbytes is CUDA-only
+    here: anything else is a one-line error saying what to do."""
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if device.type != "cuda":
+        raise UserError(f"--optimizer adamw8bit needs a CUDA device (bitsandbytes), not {device}: use adamw")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UserError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes (or use adamw)") from None
+    return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 # ----------------------------------------------------------------------------- EMA and RNG
@@ -391,9 +407,10 @@ class Trainer:
         if cfg.gradient_checkpointing:
             task.enable_gradient_checkpointing()
         if cfg.lora_rank:
-            from ..lora import apply_lora  # optional: needs peft
+            from ..lora import TARGET_SETS, apply_lora  # optional: needs peft
 
-            task.module.model = apply_lora(task.module.model, cfg.lora_rank, cfg.lora_alpha)
+            targets = TARGET_SETS[cfg.lora_targets]
+            task.module.model = apply_lora(task.module.model, cfg.lora_rank, cfg.lora_alpha, targets)
         self.module = task.module
         self.names = [n for n, p in self.module.named_parameters() if p.requires_grad]
         self.names += [n for n, _ in self.module.named_buffers()]
@@ -401,7 +418,7 @@ class Trainer:
             raise UserError("nothing to train: every parameter is frozen")
         self.wrapped = wrap(self.module, cfg, d, self.bf16)
         self.params = [p for p in self.wrapped.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = make_optimizer(cfg, self.params, d.device)
         self.ema = EMA(self.live_tensors()) if cfg.ema_beta > 0 else None
         self.pos = Position()
         seed_everything(cfg.seed + d.rank)
@@ -551,7 +568,11 @@ class Trainer:
             for k, v in live.items():
                 v.copy_(self.ema.tensors[k])
         meta = {"stage": self.cfg.stage, "step": self.pos.step, "ema": self.ema is not None}
-        save_lora(self.module.model, self.out / "lora.safetensors", metadata=meta, prefix=self.task.component)
+        path = save_lora(self.module.model, self.out / "lora.safetensors", metadata=meta, prefix=self.task.component)
+        if self.task.component == "prior" and getattr(self.module.model, "diffusers_class", "") == "StableCascadeUNet":
+            from ..lora import convert_lora
+
+            convert_lora(path, self.out / "lora_comfyui.safetensors", "comfyui")  # ComfyUI's lora_prior_unet_*
         for k, v in live.items():
             v.copy_(kept[k])
 

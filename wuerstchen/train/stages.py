@@ -9,6 +9,7 @@ networks (`frozen.py` loads them), writes samples, and exports diffusers-format 
 - Stage B: ε-prediction on the frozen VQGAN's latents, conditioned on the semantic latent of the
   image downscaled by a random factor (zeroed 10%) and on text (dropped 5%).
 - Stage A: VQGAN reconstruction + codebook/commitment loss, optional patch-GAN hinge loss.
+- Stable Cascade's Stage C and Stage B: `cascade.py` (the official GDF objective and v3 conditions).
 
 Diffusion losses follow the official code (docs/training.md): t = (1 − u)·1.08 + 0.001
 clamped to [0.001, 1], per-sample mean squared error of ε, weighted by p2: 1 / (1 + ᾱ/(1 − ᾱ)).
@@ -81,11 +82,18 @@ def diffusion_loss(pred: Tensor, noise: Tensor, t: Tensor, weighting: str = "p2"
 # ----------------------------------------------------------------------------- loss modules
 
 
+def _v2_weighting(weighting: str) -> str:
+    if weighting not in ("p2", "uniform"):
+        raise UserError(f"--loss-weighting {weighting} is Stable Cascade's (GDF); Würstchen v2 takes p2 or uniform")
+    return weighting
+
+
 class PriorLoss(nn.Module):
     """Stage C: x0 (B, 16, h, w) semantic latents, text (B, 77, c_cond)."""
 
     def __init__(self, prior: StageC, weighting: str = "p2", x0_weight: float = 0.0) -> None:
         super().__init__()
+        _v2_weighting(weighting)
         self.model = prior
         self.weighting = weighting
         self.x0_weight = x0_weight
@@ -121,6 +129,7 @@ class DecoderLoss(nn.Module):
         self, decoder: StageB, semantic: SemanticCompressor | None = None, weighting: str = "p2", recon: float = 0.0
     ) -> None:
         super().__init__()
+        _v2_weighting(weighting)
         self.model = decoder
         self.semantic = semantic
         self.weighting = weighting
@@ -609,5 +618,9 @@ TASKS: dict[str, type[Task]] = {"a": StageATask, "b": StageBTask, "c": StageCTas
 
 def make_task(cfg: TrainConfig, device: torch.device, allow_pipe_urls: bool = False) -> Task:
     """The task of `cfg`'s stage, with its frozen parts loaded and its loss module built on `device`.
-    `allow_pipe_urls`: the user's command line allows `pipe:` data URLs (shell commands)."""
-    return TASKS[cfg.stage](cfg, device, allow_pipe_urls)
+    `allow_pipe_urls`: the user's command line allows `pipe:` data URLs (shell commands). A Stable
+    Cascade model (preset, config or --init-from) gets the v3 task of its stage (`train/cascade.py`)."""
+    from .cascade import CASCADE_TASKS, is_cascade
+
+    cls = CASCADE_TASKS[cfg.stage] if cfg.stage in CASCADE_TASKS and is_cascade(cfg) else TASKS[cfg.stage]
+    return cls(cfg, device, allow_pipe_urls)
