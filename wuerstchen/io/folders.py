@@ -316,9 +316,11 @@ def load_pipeline(
 
         parts["semantic"] = load_model(SemanticCompressor, root / "semantic", dtype)
     elif (root / EFFNET_FILE).is_file():  # the stabilityai/stable-cascade repo's own file, beside its folders
-        from .cascade_files import load_official_file
+        from ..models.semantic import SEMANTIC_PRESETS, SemanticCompressor
+        from .checkpoint import build_from_state, load_tensors
 
-        parts["semantic"] = load_official_file(root / EFFNET_FILE).model(dtype=dtype)
+        state, preset = load_tensors(root / EFFNET_FILE), SEMANTIC_PRESETS["stable-cascade"]
+        parts["semantic"] = build_from_state(SemanticCompressor, preset, state, str(root / EFFNET_FILE), dtype)
     known = {f for f in PipelineSettings.__dataclass_fields__}
     pipe = cls(
         prior=parts.get("prior"),

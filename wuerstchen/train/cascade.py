@@ -1,5 +1,5 @@
 """Stable Cascade (Würstchen v3) training: Stage C and Stage B on the one `CascadeUNet`, through the
-shared loop (`make_task` picks these tasks when the model is a Stable Cascade U-Net).
+shared loop (`loop.make_task` picks these tasks when the model is a Stable Cascade U-Net).
 
     wuerstchen train c --data photos/ --init-from models/stable-cascade --lr 1e-5 --max-steps 2000
     wuerstchen train c --data photos/ --init-from stage_c_lite_bf16.safetensors --pipeline models/stable-cascade \

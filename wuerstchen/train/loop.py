@@ -53,8 +53,9 @@ from tqdm import tqdm
 
 from ..errors import UserError
 from ..io.checkpoint import load_tensors, save_model, write_json
+from .cascade import CASCADE_TASKS, is_cascade
 from .config import TrainConfig
-from .stages import Task, make_task
+from .stages import TASKS, Task
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +185,14 @@ def make_optimizer(cfg: TrainConfig, params: list[nn.Parameter], device: torch.d
     except ImportError:
         raise UserError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes (or use adamw)") from None
     return bnb.optim.AdamW8bit(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def make_task(cfg: TrainConfig, device: torch.device, allow_pipe_urls: bool = False) -> Task:
+    """The task of `cfg`'s stage, with its frozen parts loaded and its loss module built on `device`.
+    `allow_pipe_urls`: the user's command line allows `pipe:` data URLs (shell commands). A Stable
+    Cascade model (preset, config or --init-from) gets the v3 task of its stage (`train/cascade.py`)."""
+    cls = CASCADE_TASKS[cfg.stage] if cfg.stage in CASCADE_TASKS and is_cascade(cfg) else TASKS[cfg.stage]
+    return cls(cfg, device, allow_pipe_urls)
 
 
 # ----------------------------------------------------------------------------- EMA and RNG

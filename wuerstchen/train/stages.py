@@ -614,13 +614,3 @@ class StageATask(Task):
 
 
 TASKS: dict[str, type[Task]] = {"a": StageATask, "b": StageBTask, "c": StageCTask}
-
-
-def make_task(cfg: TrainConfig, device: torch.device, allow_pipe_urls: bool = False) -> Task:
-    """The task of `cfg`'s stage, with its frozen parts loaded and its loss module built on `device`.
-    `allow_pipe_urls`: the user's command line allows `pipe:` data URLs (shell commands). A Stable
-    Cascade model (preset, config or --init-from) gets the v3 task of its stage (`train/cascade.py`)."""
-    from .cascade import CASCADE_TASKS, is_cascade
-
-    cls = CASCADE_TASKS[cfg.stage] if cfg.stage in CASCADE_TASKS and is_cascade(cfg) else TASKS[cfg.stage]
-    return cls(cfg, device, allow_pipe_urls)
