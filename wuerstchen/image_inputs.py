@@ -34,6 +34,7 @@ from .sampling import add_noise
 
 # A step of a sampling loop may replace its latents: (index of the time reached, latents) → latents.
 Keep = Callable[[int, Tensor], Tensor]
+VARIATION_STRENGTH = 0.3  # Würstchen v2's variations: the image's latent re-noised this much in Stage C
 
 
 @dataclass
@@ -76,10 +77,12 @@ class ImageSource:
         if mask is None or len(left) < 2:
             return x, left, None
 
+        mask = mask.to(x0.device)  # once, not at every step
+
         def keep(i: int, x: Tensor) -> Tensor:
             t = left[i + 1]
             known = x0 if t <= 0 else add_noise(x0, noise, torch.full((x0.shape[0],), t))
-            return torch.lerp(known.to(x.dtype), x, mask.to(x.device, x.dtype))
+            return torch.lerp(known.to(x.dtype), x, mask.to(x.dtype))
 
         return x, left, keep
 
@@ -298,6 +301,3 @@ def variations(pipe: Any, image: Any, num_images: int = 4, prompt: str | None = 
         return pipe(prompt or "", images=[image], num_images_per_prompt=num_images, **kwargs)
     kwargs.setdefault("strength", VARIATION_STRENGTH)
     return pipe(prompt or "", image=image, num_images_per_prompt=num_images, **kwargs)
-
-
-VARIATION_STRENGTH = 0.3
