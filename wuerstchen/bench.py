@@ -50,6 +50,7 @@ class BenchOptions:
     paper: bool = False  # also FLOPs per 1024² image: Würstchen v2 vs SDXL
     official: bool = False  # ours alone on the official-size config
     dtype: str = "bfloat16"  # with `official`
+    quantize: str | None = None  # with `official` / `shipped`: that int8 mode (wuerstchen.quant)
     shipped: bool = False  # the shipped small model: s/image, bf16 vs fp32 PSNR
     model: str | None = None  # with `shipped`: another model folder
     images: int = 24  # with `shipped`: prompts for the bf16 vs fp32 PSNR

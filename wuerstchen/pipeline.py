@@ -33,6 +33,7 @@ from .models.stage_b import StageB
 from .models.stage_c import StageC
 from .parts import Denoiser, PipelineSettings, Text, parts_for
 from .placement import Placement
+from .quant import quantize as _quantize
 from .sampling import Generator, randn, sample, timesteps
 
 if TYPE_CHECKING:
@@ -216,6 +217,9 @@ class WuerstchenPipeline:
 
         save_pipeline(self, folder)
 
+    def quantize(self, mode: str) -> Self:  # int8 prior, decoder, VQGAN in place: "int8", "int8-weights" (quant.py)
+        return _quantize(self, mode)
+
     def load_lora_weights(self, path: str | Path, scale: float = 1.0, adapter_name: str = "default") -> None:
         """Apply a LoRA file to the prior (see `wuerstchen.lora`); `unload_lora_weights` undoes it exactly."""
         from .lora import load_lora_weights
@@ -255,9 +259,8 @@ class WuerstchenPipeline:
         self.placement.enable_offload("sequential", device, self.modules())
 
     def compile(self, freeze: bool | None = None, **options: Any) -> None:
-        """Opt-in `torch.compile` (inductor) of the prior, the decoder and the VQGAN's decode; the
-        first call at each size compiles (tens of seconds on a CPU). `freeze` and `options`: see
-        `Placement.compile`."""
+        """Opt-in `torch.compile` (inductor) of the prior, the decoder and the VQGAN's decode; the first call
+        at each size compiles (tens of seconds on a CPU). `freeze` and `options`: see `Placement.compile`."""
         fns = {n: m for n in ("prior", "decoder") if (m := getattr(self, n)) is not None}
         if self.vqgan is not None:
             fns["vqgan"] = self.vqgan.decode_latents
