@@ -138,3 +138,12 @@ def test_the_quantize_flag(tiny_folder) -> None:
     assert all(m.activations for m in pipe.prior.modules() if isinstance(m, Int8Linear))
     image = np.asarray(pipe("x", seed=0, prior_num_inference_steps=2, num_inference_steps=2).images[0])
     assert image.shape == (128, 128, 3) and image.std() > 0
+
+
+def test_int8_products_are_counted_by_the_benchmark() -> None:
+    from wuerstchen.bench import _flop_counter
+
+    a, b = torch.ones(5, 6, dtype=torch.int8), torch.ones(6, 7, dtype=torch.int8)
+    with _flop_counter() as counter:
+        torch._int_mm(a, b)
+    assert counter.get_total_flops() == 2 * 5 * 6 * 7
