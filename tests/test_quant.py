@@ -42,7 +42,7 @@ def test_int8_linear_is_the_float_product_within_int8_rounding() -> None:
     # The int8 path is the exact integer product of the rounded factors, rescaled in float32.
     q, s = quantize_rows(x.reshape(-1, 192))
     layer = Int8Linear.from_linear(lin, activations=True)
-    exact = (q.double() * s.double()) @ layer.dequantized(torch.float64).t() + lin.bias.double()
+    exact = (q.double() * s.double()) @ layer.dequantized(torch.float64) + lin.bias.double()
     assert rel_err(got.reshape(-1, 96), exact) <= 1e-6  # float32 rescaling of an exact int32 sum
 
 

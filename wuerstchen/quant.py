@@ -37,10 +37,10 @@ model on the meta device, swaps in the int8 layers the marker names and assigns 
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .errors import UserError
@@ -86,7 +86,8 @@ def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """(M, K) activations → int8 (M, K) and the float32 scale per row (max |x| / 127)."""
     x = x.float()
-    scale = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127)
+    # max |x| as one op (the ∞-norm): each op is a parallel region, and on a busy CPU each costs.
+    scale = torch.linalg.vector_norm(x, ord=math.inf, dim=1, keepdim=True).clamp_min_(1e-12).div_(127)
     return torch.div(x, scale).round_().to(torch.int8), scale
 
 
@@ -123,9 +124,9 @@ class Int8Linear(nn.Module):
         return self
 
     def dequantized(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> Tensor:
-        """The float weight (out, in) in `dtype`, or its input columns [start, stop)."""
-        q = self.qweight[start:stop]
-        return (q.t().to(torch.float32) * self.weight_scale[:, None]).to(dtype)
+        """The float weight's transpose (in, out) in `dtype` (contiguous, as `qweight`), or its input
+        rows [start, stop)."""
+        return torch.mul(self.qweight[start:stop], self.weight_scale).to(dtype)
 
     def _int8_path(self, x: Tensor) -> bool:
         return self.activations and x.device.type == "cpu" and x.numel() >= MIN_ROWS * x.shape[-1]
@@ -133,14 +134,14 @@ class Int8Linear(nn.Module):
     def _product(self, x: Tensor, other: Tensor | None) -> Tensor:
         """x (..., k) · W[:, :k]ᵀ (+ other (..., out), else + bias) in x's dtype."""
         k = x.shape[-1]
-        if not self._int8_path(x):
-            w = self.dequantized(x.dtype, 0, k)
-            if other is None:
-                return F.linear(x, w, self.bias)
-            return torch.addmm(other.reshape(-1, other.shape[-1]), x.reshape(-1, k), w.t()).view(other.shape)
-        q, s = quantize_rows(x.reshape(-1, k))
-        y = torch._int_mm(q, self.qweight[:k]).to(torch.float32).mul_(self.weight_scale)
         add = other.reshape(-1, other.shape[-1]) if other is not None else self.bias
+        if not self._int8_path(x):
+            w = self.dequantized(x.dtype, 0, k)  # (k, out), contiguous: x · w is the GEMM's own layout
+            y = x.reshape(-1, k) @ w if add is None else torch.addmm(add.to(x.dtype), x.reshape(-1, k), w)
+            return y.view(*x.shape[:-1], -1)
+        q, s = quantize_rows(x.reshape(-1, k))
+        # int32 × float32 scale → float32 in one op, then the token scale and the bias in one more.
+        y = torch.mul(torch._int_mm(q, self.qweight[:k]), self.weight_scale)
         y = y.mul_(s) if add is None else torch.addcmul(add.float(), y, s, out=y)
         return y.view(*x.shape[:-1], -1).to(x.dtype)
 
@@ -152,8 +153,8 @@ class Int8Linear(nn.Module):
         return self._product(x, other)
 
     def columns(self, start: int, dtype: torch.dtype) -> Tensor:
-        """The float weight's input columns from `start` on (Stage B's `project_skip`)."""
-        return self.dequantized(dtype, start)
+        """The float weight's input columns from `start` on, (out, in − start) (Stage B's `project_skip`)."""
+        return self.dequantized(dtype, start).t()
 
 
 def _quantizable(name: str, module: nn.Module) -> bool:
