@@ -33,6 +33,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .pipeline import WuerstchenPipeline
+from .quant import MODES as QUANT_MODES
 from .sampling import DEFAULT_STAGE_C_TIMESTEPS
 
 
@@ -50,6 +51,7 @@ class BenchOptions:
     paper: bool = False  # also FLOPs per 1024² image: Würstchen v2 vs SDXL
     official: bool = False  # ours alone on the official-size config
     dtype: str = "bfloat16"  # with `official`
+    quantize: str | None = None  # with `official` / `shipped`: that int8 mode (wuerstchen.quant)
     shipped: bool = False  # the shipped small model: s/image, bf16 vs fp32 PSNR
     model: str | None = None  # with `shipped`: another model folder
     images: int = 24  # with `shipped`: prompts for the bf16 vs fp32 PSNR
@@ -213,11 +215,18 @@ def _attention_flops(query_shape, key_shape, value_shape, *args: Any, **kwargs: 
     return 2 * math.prod(batch) * n * key_shape[-2] * (d + value_shape[-1])
 
 
+def _int_mm_ops(a_shape, b_shape, *args: Any, **kwargs: Any) -> int:
+    """An int8 matrix product (M, K) · (K, N): 2·M·K·N operations, as its float counterpart."""
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
 def _flop_counter() -> FlopCounterMode:
     """torch's FLOP counter, also counting the CPU kernel of `scaled_dot_product_attention` (torch
-    counts its GPU kernels, not that one: attention would count as 0 FLOPs on a CPU)."""
+    counts its GPU kernels, not that one: attention would count as 0 FLOPs on a CPU) and the int8
+    products of `wuerstchen.quant` (as operations: "GFLOP/s" of an int8 row are int8 GOP/s)."""
     cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
-    return FlopCounterMode(display=False, custom_mapping={cpu_attention: _attention_flops})
+    mapping = {cpu_attention: _attention_flops, torch.ops.aten._int_mm: _int_mm_ops}
+    return FlopCounterMode(display=False, custom_mapping=mapping)
 
 
 @torch.no_grad()
@@ -356,12 +365,13 @@ def child_main(args: BenchOptions) -> None:
         import wuerstchen.io.folders  # noqa: F401
     base = _current_rss_kib()
     dtype = torch.bfloat16 if args.child.endswith("bf16") else torch.float32
+    quantize = next((m for m in QUANT_MODES if args.child.endswith(f"-{m}")), None)
     t0 = time.perf_counter()
     impl = "diffusers" if args.child.startswith("diffusers") else "ours"
     if impl == "diffusers":
         pipe = (load_cascade_reference if args.cascade else load_reference)(Path(args.folder), dtype)
     else:
-        pipe = WuerstchenPipeline.from_pretrained(args.folder, torch_dtype=dtype)
+        pipe = WuerstchenPipeline.from_pretrained(args.folder, torch_dtype=dtype, quantize=quantize)
     load = time.perf_counter() - t0
     after_load = _current_rss_kib()
     if args.cascade:
@@ -462,6 +472,9 @@ def official_main(args: BenchOptions) -> int:
     )
     t0 = time.perf_counter()
     pipe = official_pipeline(dtype)
+    if args.quantize:
+        pipe.quantize(args.quantize)
+        print(f"# quantized: {args.quantize} (the int8 rows' GFLOP/s are int8 and float operations together)")
     print(f"built in {time.perf_counter() - t0:.1f} s")
     seconds, _ = run_once(stage_runners("ours", pipe, size, times, args.decoder_steps))
     flops = count_flops("ours", pipe, size, times, args.decoder_steps)
@@ -475,8 +488,8 @@ def official_main(args: BenchOptions) -> int:
 
 def shipped_main(args: BenchOptions) -> int:
     """The shipped small model (or --model) at its native size with the default sampling settings
-    (DEFAULT_STAGE_C_TIMESTEPS, CFG 4, decoder 12 steps): seconds per image in float32 and bfloat16,
-    and how far the bfloat16 images are from the float32 ones (PSNR, same seeds)."""
+    (DEFAULT_STAGE_C_TIMESTEPS, CFG 4, decoder 12 steps): seconds per image in float32 and bfloat16
+    (or `quantize`'s int8 mode), and how far those images are from the float32 ones (PSNR, same seeds)."""
     import numpy as np
 
     from .assets import shipped_model
@@ -484,8 +497,10 @@ def shipped_main(args: BenchOptions) -> int:
     from .shapes.evaluate import psnr
 
     folder = Path(args.model) if args.model else shipped_model()
-    pipes = {name: WuerstchenPipeline.from_pretrained(folder, torch_dtype=dt)
-             for name, dt in (("fp32", torch.float32), ("bf16", torch.bfloat16))}  # fmt: skip
+    other = args.quantize or "bf16"  # against fp32: bfloat16, or an int8 mode (on float32)
+    pipes = {"fp32": WuerstchenPipeline.from_pretrained(folder),
+             other: WuerstchenPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16 if other == "bf16"
+                                                       else torch.float32, quantize=args.quantize)}  # fmt: skip
     size = pipes["fp32"].settings.default_size
     times = DEFAULT_STAGE_C_TIMESTEPS
     call = dict(height=size, width=size, prior_timesteps=times, num_inference_steps=args.decoder_steps)
@@ -505,8 +520,8 @@ def shipped_main(args: BenchOptions) -> int:
     for i in range(0, len(prompts), 8):
         for name, pipe in pipes.items():
             images[name] += pipe(prompts[i : i + 8], **call, seed=i).images
-    values = [min(psnr(a, b), 100.0) for a, b in zip(images["fp32"], images["bf16"], strict=True)]
-    print(f"  bf16 vs fp32 images, {len(values)} held-out prompts: PSNR mean {np.mean(values):.1f} dB, "
+    values = [min(psnr(a, b), 100.0) for a, b in zip(images["fp32"], images[other], strict=True)]
+    print(f"  {other} vs fp32 images, {len(values)} held-out prompts: PSNR mean {np.mean(values):.1f} dB, "
           f"median {np.median(values):.1f} dB, lowest {min(values):.1f} dB (100 = identical); "
           f"{sum(v >= 30 for v in values)} of {len(values)} at ≥ 30 dB")  # fmt: skip
     return 0
@@ -548,6 +563,7 @@ def main(args: BenchOptions) -> int:
             "diffusers fp32": load_reference(folder),
             "ours fp32": WuerstchenPipeline.from_pretrained(folder),
             "ours bf16": WuerstchenPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16),
+            **{f"ours {mode}": WuerstchenPipeline.from_pretrained(folder, quantize=mode) for mode in QUANT_MODES},
         }
         if args.compile:
             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -615,7 +631,7 @@ def main(args: BenchOptions) -> int:
             f"  {name:16} load {m['load_s']:6.2f} s   weights {m['load_mib']:7.0f} MiB   peak {m['peak_mib']:7.0f} MiB"
         )
     ref_m = memory["diffusers fp32"]
-    for name in ("ours fp32", "ours bf16"):
+    for name in [n for n in memory if n.startswith("ours")]:
         m = memory[name]
         ratio = m["peak_mib"] / ref_m["peak_mib"] if ref_m["peak_mib"] > 0 else float("nan")
         print(f"  {name} / diffusers fp32: load time {m['load_s'] / ref_m['load_s']:.2f}×, peak memory {ratio:.2f}×")

@@ -35,6 +35,7 @@ from .models.stage_b import StageB
 from .models.stage_c import StageC
 from .parts import Denoiser, PipelineSettings, Text, parts_for
 from .placement import Placement
+from .quant import quantize as _quantize
 from .sampling import Generator, randn, sample, timesteps
 
 if TYPE_CHECKING:
@@ -235,6 +236,9 @@ class WuerstchenPipeline:
 
         save_pipeline(self, folder)
 
+    def quantize(self, mode: str) -> Self:  # int8 prior, decoder, VQGAN in place: "int8", "int8-weights" (quant.py)
+        return _quantize(self, mode)
+
     def load_lora_weights(self, path: str | Path, scale: float = 1.0, adapter_name: str = "default") -> None:
         """Apply a LoRA file to the prior (see `wuerstchen.lora`); `unload_lora_weights` undoes it exactly."""
         from .lora import load_lora_weights
@@ -258,8 +262,7 @@ class WuerstchenPipeline:
         return self.placement.device
 
     def to(self, device: torch.device | str | torch.dtype | None = None, dtype: torch.dtype | None = None) -> Self:
-        """Move and/or cast every model, as diffusers allows: `to("cuda")`, `to(torch.bfloat16)`,
-        `to("cuda", torch.bfloat16)`."""
+        """Move and/or cast every model as diffusers does: `to("cuda")`, `to(torch.bfloat16)`, or both."""
         self.placement.move(self.modules(), device, dtype)
         return self
 
@@ -272,9 +275,8 @@ class WuerstchenPipeline:
         self.placement.enable_offload("sequential", device, self.modules())
 
     def compile(self, freeze: bool | None = None, **options: Any) -> None:
-        """Opt-in `torch.compile` (inductor) of the prior, the decoder and the VQGAN's decode; the
-        first call at each size compiles (tens of seconds on a CPU). `freeze` and `options`: see
-        `Placement.compile`."""
+        """Opt-in `torch.compile` (inductor) of prior, decoder and VQGAN decode; the first call at each
+        size compiles (tens of seconds on a CPU). `freeze`, `options`: see `Placement.compile`."""
         fns = {"prior": self.prior, "decoder": self.decoder, "vqgan": self.vqgan and self.vqgan.decode_latents}
         self.placement.compile({n: f for n, f in fns.items() if f is not None}, freeze, options)
 
@@ -284,8 +286,7 @@ class WuerstchenPipeline:
     # ----------------------------------------------------------------------------- sizes
     @property
     def size_step(self) -> int:
-        """The image-side step (px) at which every stage's latent sizes are whole numbers: 128 for the
-        official weights."""
+        """The image-side step (px) at which every stage's latent size is whole: 128 for official weights."""
         return self.decoder_part.size_step(self.settings, self.decoder, self.vqgan)
 
     def check_size(self, height: int | None, width: int | None) -> tuple[int, int]:

@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--paper", action="store_true", help="also count FLOPs per 1024² image: Würstchen v2 vs SDXL")
     p.add_argument("--official", action="store_true", help="ours alone on the official-size config (use --size 1024)")
     p.add_argument("--dtype", default="bfloat16", help="with --official: bfloat16 (default) or float32")
+    p.add_argument("--quantize", choices=("int8", "int8-weights"), default=None,
+                   help="with --official or --shipped: this int8 mode (--shipped: against float32)")  # fmt: skip
     p.add_argument("--shipped", action="store_true", help="the shipped small model: s/image, bf16 vs fp32 PSNR")
     p.add_argument("--model", default=None, help="with --shipped: another model folder")
     p.add_argument("--images", type=int, default=24, help="with --shipped: prompts for the bf16 vs fp32 PSNR")

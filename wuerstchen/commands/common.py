@@ -67,6 +67,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
         help="keep models on the CPU and move each (model) or each layer (sequential) to the device when used",
     )
     g.add_argument(
+        "--quantize",
+        choices=("int8", "int8-weights"),
+        default=None,
+        help="CPU: int8 weights and activations of prior, decoder and VQGAN (int8), or int8 weights only (less "
+        "memory); see docs/performance.md",
+    )
+    g.add_argument(
         "--compile",
         action="store_true",
         help="torch.compile prior, decoder and VQGAN (faster steps; the first image of a size compiles: tens of s)",
@@ -88,6 +95,11 @@ def load_from_args(args: argparse.Namespace) -> WuerstchenPipeline:
             )
     device = check_device(args.device) if args.device else str(default_device())
     dtype = parse_dtype(args.dtype, device)
+    quantize = getattr(args, "quantize", None)
+    if quantize is not None:
+        from ..quant import check_device as check_quantize
+
+        check_quantize(quantize, device)
     args.resolved_dtype = str(dtype).removeprefix("torch.")  # for the PNG metadata and the logs
     pipe = WuerstchenPipeline.from_pretrained(
         model,
@@ -95,6 +107,7 @@ def load_from_args(args: argparse.Namespace) -> WuerstchenPipeline:
         torch_dtype=dtype,
         lite=getattr(args, "lite", False),
         variant=getattr(args, "variant", None),
+        quantize=quantize,
     )
     if args.offload == "model":
         pipe.enable_model_cpu_offload(device)

@@ -24,6 +24,8 @@ from torch import nn
 
 from ..errors import UserError
 from ..models.config import config_from_dict, config_to_dict, read_json
+from ..quant import CONFIG_KEY as QUANT_KEY
+from ..quant import MODES, cast_state, quantize_model
 
 logger = logging.getLogger(__name__)
 
@@ -106,13 +108,17 @@ def build_from_state(
     source: str,
     dtype: torch.dtype | None = None,
     device: torch.device | str | None = None,
+    quantization: str | None = None,
 ) -> nn.Module:
-    """Build `cls(config)` on the meta device and assign the tensors (cast to `dtype`) into it."""
+    """Build `cls(config)` on the meta device and assign the tensors (cast to `dtype`) into it;
+    `quantization` (a saved int8 model's mode): with its int8 layers (`wuerstchen.quant`)."""
     with torch.device("meta"):
         model = cls(config)
+        if quantization is not None:
+            quantize_model(model, quantization)
     check_state_dict(model, state, source)
     if dtype is not None:
-        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+        state = cast_state(state, dtype)
     if device is not None:
         state = {k: v.to(device) for k, v in state.items()}
     model.load_state_dict(state, strict=True, assign=True)
@@ -123,7 +129,10 @@ def save_model(model: nn.Module, folder: str | Path) -> None:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_tensors(model.state_dict(), folder / WEIGHTS_NAME, metadata={"format": "pt"})
-    write_json(config_to_dict(model.config, model.diffusers_class), folder / CONFIG_NAME)
+    config = config_to_dict(model.config, model.diffusers_class)
+    if getattr(model, "quantization", None):
+        config[QUANT_KEY] = model.quantization
+    write_json(config, folder / CONFIG_NAME)
 
 
 def _read_state(folder: Path, variant: str | None = None) -> dict[str, torch.Tensor]:
@@ -169,4 +178,7 @@ def load_model(
     if name not in (None, cls.diffusers_class, cls.__name__):
         raise UserError(f"{folder}: holds a {name}, expected a {cls.diffusers_class}")
     config = config_from_dict(cls.config_class, data, source=str(folder / CONFIG_NAME))
-    return build_from_state(cls, config, _read_state(folder, variant), str(folder), dtype, device)
+    mode = data.get(QUANT_KEY)
+    if mode is not None and mode not in MODES:
+        raise UserError(f"{folder / CONFIG_NAME}: unknown {QUANT_KEY} {mode!r} (one of: {', '.join(MODES)})")
+    return build_from_state(cls, config, _read_state(folder, variant), str(folder), dtype, device, mode)

@@ -33,6 +33,7 @@ from ..models.stage_a import StageA
 from ..models.stage_b import StageB
 from ..models.stage_c import StageC
 from ..parts import INDEX_NAMES, PipelineSettings
+from ..quant import check_device as check_quantize
 
 if TYPE_CHECKING:  # the pipeline class comes in as an argument: the pipeline module imports this one
     from ..pipeline import WuerstchenPipeline
@@ -227,6 +228,7 @@ def load_pipeline(
     dtype: torch.dtype | str | None = None,
     lite: bool = False,
     variant: str | None = None,
+    quantize: str | None = None,
 ) -> WuerstchenPipeline:
     """Load a combined folder, or a decoder folder (+ `prior`), or a prior folder alone, as a `cls`
     (`WuerstchenPipeline.from_pretrained` passes itself).
@@ -235,8 +237,11 @@ def load_pipeline(
     float32 unless asked (as diffusers, whatever the files hold); `"auto"` picks the precision the
     hardware computes fastest: bfloat16 where `device` (default: the best available) has it natively,
     float32 elsewhere (`wuerstchen.hardware`). `lite`: Stable Cascade's `prior_lite/` and
-    `decoder_lite/`; `variant`: files such as `diffusion_pytorch_model.bf16.safetensors`.
+    `decoder_lite/`; `variant`: files such as `diffusion_pytorch_model.bf16.safetensors`;
+    `quantize`: "int8" or "int8-weights" (`wuerstchen.quant`; a saved quantized folder is int8 as saved).
     """
+    if quantize is not None:
+        check_quantize(quantize, device)
     dtype = resolve_dtype(dtype or torch_dtype or torch.float32, device)
     root = resolve_folder(path_or_id, lite, variant)
     index = read_json(root / "model_index.json") if (root / "model_index.json").exists() else {}
@@ -337,6 +342,8 @@ def load_pipeline(
         settings=config_from_dict(PipelineSettings, {k: v for k, v in settings.items() if k in known},
                                   f"{root / 'model_index.json'}"),  # fmt: skip
     )
+    if quantize is not None:
+        pipe.quantize(quantize)
     if device is not None:
         pipe.to(device)
     return pipe

@@ -133,8 +133,9 @@ class ResBlockStageB(nn.Module):
     def project_skip(self, skip: Tensor) -> Tensor:
         """The first Linear applied to `skip` (B, k, H, W), the last k of its input channels, plus
         its bias: (B, H, W, 4c), to pass as `projected`."""
-        first = self.channelwise[0]
-        return F.linear(skip.permute(0, 2, 3, 1), first.weight[:, -skip.shape[1] :], first.bias)
+        first, k = self.channelwise[0], skip.shape[1]
+        weight = first.columns(first.in_features - k, skip.dtype) if hasattr(first, "columns") else first.weight[:, -k:]
+        return F.linear(skip.permute(0, 2, 3, 1), weight, first.bias)
 
     def forward(self, x: Tensor, x_skip: Tensor | None = None, projected: Tensor | None = None) -> Tensor:
         """`x_skip` is concatenated to the normed features; `projected` (from `project_skip`) stands
@@ -147,7 +148,9 @@ class ResBlockStageB(nn.Module):
             return x + self.channelwise(h).permute(0, 3, 1, 2)
         # projected + h · W[:, :k]ᵀ in one GEMM.
         mlp = self.channelwise
-        h = mlp.tail(mlp[1](linear_add(h, mlp[0].weight, projected)))
+        first = mlp[0]  # an int8 layer (wuerstchen.quant) has its own
+        y = first.linear_add(h, projected) if hasattr(first, "linear_add") else linear_add(h, first.weight, projected)
+        h = mlp.tail(mlp[1](y))
         return x + h.permute(0, 3, 1, 2)
 
 

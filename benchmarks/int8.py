@@ -1,0 +1,149 @@
+"""The measurements behind `wuerstchen.quant`: int8 GEMM kernels on this CPU, and the peak memory of
+the official-size v2 prior in float32 and int8.
+
+    python benchmarks/int8.py kernels --threads 2
+    python benchmarks/int8.py memory --size 1024 --threads 2     # each mode in a fresh process
+
+`kernels`: achieved GOP/s at the medium config's shapes (M, K, N) of float32 and bfloat16
+`F.linear`, `torch._int_mm` alone, our int8 layer end to end (per-token quantization, the int8
+product, the rescaling, as `Int8Linear` runs it) and fbgemm's dynamically quantized Linear. Best of
+7 per shape.
+
+`memory`: the official v2 prior (`STAGE_C_PRESETS["official-v2"]`, ~1B parameters) with random
+weights, built on the meta device and filled in place (int8 modes: int8 layers from the start,
+random int8 weights with scales for a std of 1/√fan_in, so no float copy exists), then one CFG
+sampling step at `--size` as the pipeline runs it (`Placement.placed`: the float32 prior's Linear
+layers packed for oneDNN, as `packed_stages` does). Printed: weights MiB and peak RSS (VmHWM)
+above the process's baseline after its imports; the peak of one step is that of all 29 (the
+activations of a step are freed before the next).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+SHAPES = ((288, 512, 2048), (288, 2048, 512), (4096, 384, 1536), (4096, 1536, 384))
+
+
+def _best(fn, repeats: int = 7) -> float:
+    fn()
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _rates(m: int, k: int, n: int, g: torch.Generator) -> dict[str, float]:
+    """GOP/s of each way to multiply (m, k) activations by a (k → n) Linear layer."""
+    from wuerstchen.quant import Int8Linear
+
+    linear = torch.nn.Linear(k, n).requires_grad_(False)
+    x = torch.randn(m, k, generator=g)
+    layer = Int8Linear.from_linear(linear, activations=True)
+    q = torch.randint(-127, 128, (m, k), dtype=torch.int8, generator=g)
+    xb, wb = x.bfloat16(), linear.weight.bfloat16()
+    with warnings.catch_warnings():  # torch.ao's deprecation notice
+        warnings.simplefilter("ignore")
+        fbgemm = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(linear), {torch.nn.Linear})
+    rows = {
+        "fp32 F.linear": lambda: F.linear(x, linear.weight, linear.bias),
+        "bf16 F.linear": lambda: F.linear(xb, wb),
+        "torch._int_mm": lambda: torch._int_mm(q, layer.qweight),
+        "Int8Linear (end to end)": lambda: layer(x),
+        "fbgemm dynamic Linear": lambda: fbgemm(x),
+    }
+    with torch.no_grad():
+        return {name: 2 * m * k * n / _best(fn) / 1e9 for name, fn in rows.items()}
+
+
+def kernels() -> None:
+    from wuerstchen.bench import print_machine
+
+    print_machine(torch.get_num_threads())
+    g = torch.Generator().manual_seed(0)
+    for m, k, n in SHAPES:
+        rates = _rates(m, k, n, g)
+        print(f"{m}×{k}×{n}: " + ", ".join(f"{name} {r:.0f}" for name, r in rates.items()) + " GOP/s", flush=True)
+
+
+def _rss_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
+
+def memory_child(mode: str, size: int) -> None:
+    from wuerstchen.models.stage_c import STAGE_C_PRESETS, StageC
+    from wuerstchen.placement import Placement
+    from wuerstchen.quant import Int8Linear, quantize_model
+    from wuerstchen.testing import randomize
+
+    base = _rss_kib("VmRSS:")
+    config = STAGE_C_PRESETS["official-v2"]
+    with torch.device("meta"):
+        prior = StageC(config)
+        if mode != "float32":
+            quantize_model(prior, mode)
+    prior = randomize(prior.to_empty(device="cpu"), seed=1)  # the float parameters
+    g = torch.Generator().manual_seed(2)
+    for layer in prior.modules():  # randomize fills parameters; the int8 layers hold buffers
+        if isinstance(layer, Int8Linear):
+            layer.qweight.copy_(torch.randint(-127, 128, layer.qweight.shape, dtype=torch.int8, generator=g))
+            layer.weight_scale.fill_(math.sqrt(3) / 127 / math.sqrt(layer.in_features))  # uniform ints: std 127/√3
+            layer.bias.normal_(0, 0.1, generator=g)
+    weights = _rss_kib("VmRSS:")
+    side = math.ceil(size / 42.67)
+    x = torch.randn(1, config.c_in, side, side, generator=g)
+    clip = torch.randn(2, 77, config.c_cond, generator=g)  # [cond; uncond] text states
+    t0 = time.perf_counter()
+    with torch.no_grad(), Placement().placed("prior", prior, packed=True) as run:
+        eps = run(x, torch.full((1,), 0.5), kv=prior.condition(clip), copies=2)
+    seconds = time.perf_counter() - t0
+    assert torch.isfinite(eps).all()
+    peak = _rss_kib("VmHWM:")
+    print(json.dumps({"weights_mib": (weights - base) / 1024, "peak_mib": (peak - base) / 1024, "step_s": seconds}))
+
+
+def memory(size: int, threads: int) -> None:
+    from wuerstchen.bench import print_machine
+
+    print_machine(threads)
+    print(f"# official v2 prior (random weights), one CFG step at {size}×{size}, fresh process each")
+    results = {}
+    for mode in ("float32", "int8-weights", "int8"):
+        cmd = [sys.executable, __file__, "memory-child", mode, "--size", str(size), "--threads", str(threads)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        results[mode] = r = json.loads(out.stdout.strip().splitlines()[-1])
+        ratio = r["peak_mib"] / results["float32"]["peak_mib"]
+        print(f"  {mode:13} weights {r['weights_mib']:7.0f} MiB   peak {r['peak_mib']:7.0f} MiB "
+              f"({ratio:.2f}× float32's)   step {r['step_s']:.1f} s", flush=True)  # fmt: skip
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("what", choices=("kernels", "memory", "memory-child"))
+    p.add_argument("mode", nargs="?", default="float32", help=argparse.SUPPRESS)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.what == "kernels":
+        kernels()
+    elif args.what == "memory":
+        memory(args.size, args.threads)
+    else:
+        memory_child(args.mode, args.size)
+
+
+if __name__ == "__main__":
+    main()

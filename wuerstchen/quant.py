@@ -1,0 +1,195 @@
+"""Int8 inference on the CPU: `pipe.quantize("int8")` or `from_pretrained(..., quantize="int8")`.
+
+    pipe = WuerstchenPipeline.from_pretrained("warp-ai/wuerstchen", quantize="int8")
+    pipe.quantize("int8-weights")          # or on a loaded pipeline
+    wuerstchen generate "a red circle" --quantize int8
+
+Two modes, for the prior, the decoder and the VQGAN (both generations):
+
+- `"int8"`: the Linear layers of every ResBlock MLP, attention projection and VQGAN MLP hold int8
+  weights, one float32 scale per output channel (max |w| / 127), and quantize their input at every
+  call, one scale per token (row): y = (q_x · q_wᵀ) · s_x · s_w + b, the int8 product through
+  `torch._int_mm` (int32 accumulation). Per token, not per tensor: a token's scale then follows its
+  own range (measured, docs/performance.md: per-tensor is no faster and its error larger).
+- `"int8-weights"`: the same int8 weights and scales, dequantized into the activations' dtype for
+  each call (a layer's float weight exists only during its own product): a quarter of float32's
+  weight memory, float32 (or bfloat16) arithmetic.
+
+Why `torch._int_mm`: on an AMD EPYC Zen 4 (avx512_vnni, avx512_bf16), 2 threads, at the medium
+prior's and decoder's shapes it multiplies at 700–820 GOP/s against 630–710 for fbgemm's
+dynamically quantized Linear and 130–170 GFLOP/s for float32 (`benchmarks/int8_kernels.py`); with
+the per-token quantization and the rescaling around it, 480–620 GOP/s end to end. torch's
+`_weight_int8pack_mm` (weight-only) runs at 3 GFLOP/s in float32 there and oneDNN's `qlinear_pointwise`
+on signed int8 inputs was slower still, so neither is used.
+
+Kept in float (their error would dominate, or they cost nothing): every convolution (the first and
+last layers of each model, the 1×1 mappers that run once per generation), the timestep mappers (a
+row per image), the text and semantic condition mappers and the K/V mappers of the text (once per
+generation), and the attention's own QKᵀ and PV products (`docs/performance.md`: their share).
+
+Saved format (`save_pretrained` of a quantized pipeline): the same safetensors file per model,
+each quantized Linear `…name.weight` replaced by `…name.qweight` (int8, shape (in, out): the
+transposed layout `torch._int_mm` reads) and `…name.weight_scale` (float32, (out,)), its bias as it
+was; `config.json` says `"_quantization": "int8"` (or "int8-weights"). Loading builds the float
+model on the meta device, swaps in the int8 layers the marker names and assigns the tensors
+(strict, no code run from the folder).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from .errors import UserError
+
+if TYPE_CHECKING:
+    from .pipeline import WuerstchenPipeline
+
+MODES = ("int8", "int8-weights")
+CONFIG_KEY = "_quantization"  # in a quantized model's config.json: its mode
+SCALE_SUFFIX = ".weight_scale"  # state-dict keys that stay float32 whatever the model's dtype
+MIN_ROWS = 16  # fewer rows: the dequantized float product is as fast (and exact to the weights)
+# Linear layers kept in float, by the last part of their name (see the module docstring): the
+# timestep mappers (`mapper`, `mapper_sca`, ...) and the condition mappers.
+FLOAT_LAYERS = ("mapper", "cond_mapper", "clip_mapper", "kv_mapper")
+STAGES = ("prior", "decoder", "vqgan")
+
+
+def check_mode(mode: Any) -> str:
+    if mode not in MODES:
+        raise UserError(f"quantize={mode!r}: use one of {', '.join(MODES)} (or None for float)")
+    return mode
+
+
+def check_device(mode: Any, device: torch.device | str | None) -> str:
+    """`mode` checked, and refused where it does not run: int8 activations need the CPU kernel."""
+    check_mode(mode)
+    kind = torch.device(device).type if device is not None else "cpu"
+    if mode == "int8" and kind != "cpu":
+        raise UserError(f"quantize='int8' (int8 activations) runs on the CPU only, not {kind}: "
+                        "use quantize='int8-weights' there (int8 weights, float arithmetic)")  # fmt: skip
+    return mode
+
+
+def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """(out, in) float weight → int8 (in, out) and the float32 scale per output channel
+    (max |w| / 127: symmetric, the largest weight of a channel maps to ±127)."""
+    w = weight.detach().float()
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / 127
+    q = (w / scale[:, None]).round_().clamp_(-127, 127).to(torch.int8)
+    return q.t().contiguous(), scale
+
+
+def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(M, K) activations → int8 (M, K) and the float32 scale per row (max |x| / 127)."""
+    x = x.float()
+    # max |x| as one op (the ∞-norm): each op is a parallel region, and on a busy CPU each costs.
+    scale = torch.linalg.vector_norm(x, ord=math.inf, dim=1, keepdim=True).clamp_min_(1e-12).div_(127)
+    return torch.div(x, scale).round_().to(torch.int8), scale
+
+
+class Int8Linear(nn.Module):
+    """A Linear layer with int8 weights (per output channel scales); `activations`: int8 inputs too
+    (per token), else weight-only (dequantized for each call)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, activations: bool,
+                 dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> None:  # fmt: skip
+        super().__init__()
+        self.in_features, self.out_features, self.activations = in_features, out_features, activations
+        self.register_buffer("qweight", torch.empty(in_features, out_features, dtype=torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.empty(out_features, dtype=torch.float32, device=device))
+        self.register_buffer("bias", torch.empty(out_features, dtype=dtype, device=device) if bias else None)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, activations: bool) -> Int8Linear:
+        w = linear.weight
+        layer = cls(linear.in_features, linear.out_features, linear.bias is not None, activations, w.dtype, w.device)
+        layer.qweight, layer.weight_scale = quantize_weight(w)
+        if linear.bias is not None:
+            layer.bias = linear.bias.detach().clone()
+        return layer
+
+    def extra_repr(self) -> str:
+        kind = "int8 activations" if self.activations else "weight-only"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Int8Linear:
+        """`to(dtype)` casts the bias, never the scales (they stay float32), on the new device."""
+        scale = self.weight_scale
+        super()._apply(fn, recurse)
+        self.weight_scale = scale.to(self.qweight.device, torch.float32)
+        return self
+
+    def dequantized(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> Tensor:
+        """The float weight's transpose (in, out) in `dtype` (contiguous, as `qweight`), or its input
+        rows [start, stop)."""
+        return torch.mul(self.qweight[start:stop], self.weight_scale).to(dtype)
+
+    def _int8_path(self, x: Tensor) -> bool:
+        return self.activations and x.device.type == "cpu" and x.numel() >= MIN_ROWS * x.shape[-1]
+
+    def _product(self, x: Tensor, other: Tensor | None) -> Tensor:
+        """x (..., k) · W[:, :k]ᵀ (+ other (..., out), else + bias) in x's dtype."""
+        k = x.shape[-1]
+        add = other.reshape(-1, other.shape[-1]) if other is not None else self.bias
+        if not self._int8_path(x):
+            w = self.dequantized(x.dtype, 0, k)  # (k, out), contiguous: x · w is the GEMM's own layout
+            y = x.reshape(-1, k) @ w if add is None else torch.addmm(add.to(x.dtype), x.reshape(-1, k), w)
+            return y.view(*x.shape[:-1], -1)
+        q, s = quantize_rows(x.reshape(-1, k))
+        # int32 × float32 scale → float32 in one op, then the token scale and the bias in one more.
+        y = torch.mul(torch._int_mm(q, self.qweight[:k]), self.weight_scale)
+        y = y.mul_(s) if add is None else torch.addcmul(add.float(), y, s, out=y)
+        return y.view(*x.shape[:-1], -1).to(x.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._product(x, None)
+
+    def linear_add(self, x: Tensor, other: Tensor) -> Tensor:
+        """`x · W[:, :k]ᵀ + other` for x (..., k), as `onednn.linear_add` (Stage B's projected skip)."""
+        return self._product(x, other)
+
+    def columns(self, start: int, dtype: torch.dtype) -> Tensor:
+        """The float weight's input columns from `start` on, (out, in − start) (Stage B's `project_skip`)."""
+        return self.dequantized(dtype, start).t()
+
+
+def _quantizable(name: str, module: nn.Module) -> bool:
+    parts = name.split(".")
+    kept = any(p in FLOAT_LAYERS or p.startswith(("mapper_", "clip_")) for p in parts[-2:])
+    return isinstance(module, nn.Linear) and not kept
+
+
+def quantize_model(model: nn.Module, mode: str) -> nn.Module:
+    """Replace `model`'s Linear layers (all but `FLOAT_LAYERS`) in place by `Int8Linear`s; works on
+    the meta device too (for loading saved int8 weights). Returns the model."""
+    activations = check_mode(mode) == "int8"
+    for m in model.modules():  # already int8 (a saved quantized model): the mode is only the forward
+        if isinstance(m, Int8Linear):
+            m.activations = activations
+    targets = [(n, m) for n, m in model.named_modules() if _quantizable(n, m)]
+    for name, linear in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, Int8Linear.from_linear(linear, activations))
+    model.quantization = mode
+    return model
+
+
+def quantize(pipe: WuerstchenPipeline, mode: str) -> WuerstchenPipeline:
+    """`pipe.quantize(mode)`: the prior, decoder and VQGAN quantized in place (see the module
+    docstring); text encoders stay as they are (they run once per generation)."""
+    check_device(mode, pipe.device)
+    for name in STAGES:
+        if (model := getattr(pipe, name)) is not None:
+            quantize_model(model, mode)
+    pipe.placement.compiled.clear()  # a compiled graph would hold the float layers
+    return pipe
+
+
+def cast_state(state: dict[str, Tensor], dtype: torch.dtype) -> dict[str, Tensor]:
+    """A quantized model's state dict in `dtype`: floats cast, the int8 weights and their scales not."""
+    return {k: v.to(dtype) if v.is_floating_point() and not k.endswith(SCALE_SUFFIX) else v for k, v in state.items()}
