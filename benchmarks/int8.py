@@ -5,9 +5,9 @@ the official-size v2 prior in float32 and int8.
     python benchmarks/int8.py memory --size 1024 --threads 2     # each mode in a fresh process
 
 `kernels`: achieved GOP/s at the medium config's shapes (M, K, N) of float32 and bfloat16
-`F.linear`, `torch._int_mm` alone, our int8 layer end to end (per-token quantization, the int8
-product, the rescaling, as `Int8Linear` runs it) and fbgemm's dynamically quantized Linear. Best of
-7 per shape.
+`F.linear`, `torch._int_mm` alone, our int8 layer end to end with each kernel (`quant.KERNEL`:
+"int_mm" = per-token quantization, the int8 product, the rescaling as separate ops; "fbgemm" = its
+fused dynamically quantized Linear) and torch.ao's `quantize_dynamic` of the Linear. Best of 7 per shape.
 
 `memory`: the official v2 prior (`STAGE_C_PRESETS["official-v2"]`, ~1B parameters) with random
 weights, built on the meta device and filled in place (int8 modes: int8 layers from the start,
@@ -44,6 +44,16 @@ def _best(fn, repeats: int = 7) -> float:
     return best
 
 
+def _with_kernel(kernel: str, layer, x):
+    from wuerstchen import quant
+
+    saved, quant.KERNEL = quant.KERNEL, kernel
+    try:
+        return layer(x)
+    finally:
+        quant.KERNEL = saved
+
+
 def _rates(m: int, k: int, n: int, g: torch.Generator) -> dict[str, float]:
     """GOP/s of each way to multiply (m, k) activations by a (k → n) Linear layer."""
     from wuerstchen.quant import Int8Linear
@@ -60,8 +70,9 @@ def _rates(m: int, k: int, n: int, g: torch.Generator) -> dict[str, float]:
         "fp32 F.linear": lambda: F.linear(x, linear.weight, linear.bias),
         "bf16 F.linear": lambda: F.linear(xb, wb),
         "torch._int_mm": lambda: torch._int_mm(q, layer.qweight),
-        "Int8Linear (end to end)": lambda: layer(x),
-        "fbgemm dynamic Linear": lambda: fbgemm(x),
+        "Int8Linear int_mm (end to end)": lambda: _with_kernel("int_mm", layer, x),
+        "Int8Linear fbgemm (end to end)": lambda: _with_kernel("fbgemm", layer, x),
+        "torch.ao quantize_dynamic Linear": lambda: fbgemm(x),
     }
     with torch.no_grad():
         return {name: 2 * m * k * n / _best(fn) / 1e9 for name, fn in rows.items()}

@@ -8,19 +8,22 @@ Two modes, for the prior, the decoder and the VQGAN (both generations):
 
 - `"int8"`: the Linear layers of every ResBlock MLP, attention projection and VQGAN MLP hold int8
   weights, one float32 scale per output channel (max |w| / 127), and quantize their input at every
-  call, one scale per token (row): y = (q_x · q_wᵀ) · s_x · s_w + b, the int8 product through
-  `torch._int_mm` (int32 accumulation). Per token, not per tensor: a token's scale then follows its
-  own range (measured, docs/performance.md: per-tensor is no faster and its error larger).
+  call. Through fbgemm's dynamically quantized Linear (`torch.ops.quantized.linear_dynamic`, where
+  torch has it): one asymmetric 8-bit scale per call's tensor, quantization, int8 product (int32
+  sums) and rescaling in one kernel. Elsewhere (`KERNEL = "int_mm"`): one symmetric scale per
+  token, y = (q_x · q_wᵀ) · s_x · s_w + b through `torch._int_mm`, the rest as separate ops.
 - `"int8-weights"`: the same int8 weights and scales, dequantized into the activations' dtype for
   each call (a layer's float weight exists only during its own product): a quarter of float32's
   weight memory, float32 (or bfloat16) arithmetic.
 
-Why `torch._int_mm`: on an AMD EPYC Zen 4 (avx512_vnni, avx512_bf16), 2 threads, at the medium
-prior's and decoder's shapes it multiplies at 700–820 GOP/s against 630–710 for fbgemm's
-dynamically quantized Linear and 130–170 GFLOP/s for float32 (`benchmarks/int8_kernels.py`); with
-the per-token quantization and the rescaling around it, 480–620 GOP/s end to end. torch's
-`_weight_int8pack_mm` (weight-only) runs at 3 GFLOP/s in float32 there and oneDNN's `qlinear_pointwise`
-on signed int8 inputs was slower still, so neither is used.
+Why fbgemm first (`python benchmarks/int8.py kernels`, AMD EPYC Zen 4: avx512_vnni, avx512_bf16,
+2 threads, idle): `torch._int_mm` alone multiplies fastest, 740–880 GOP/s at the medium prior's and
+decoder's shapes against 160–185 GFLOP/s for float32, but with per-token quantization and the
+rescaling as separate ops ours ran at 170–650 GOP/s end to end (the int32 → float32 epilogue of
+4096 × 1536 outputs is a memory pass of its own), fbgemm's fused call at 575–710 at every shape. In
+the medium pipeline the fused path's per-tensor scales cost 0.67% mean relative error of the
+decoder latents against 0.50% per token (both against float32; docs/performance.md). torchao's
+int8 configs ran at 4–43 GOP/s in eager mode on that CPU, `_weight_int8pack_mm` at 3 GFLOP/s.
 
 Kept in float (their error would dominate, or they cost nothing): every convolution (the first and
 last layers of each model, the 1×1 mappers that run once per generation), the timestep mappers (a
@@ -29,21 +32,24 @@ generation), and the attention's own QKᵀ and PV products (`docs/performance.md
 
 Saved format (`save_pretrained` of a quantized pipeline): the same safetensors file per model,
 each quantized Linear `…name.weight` replaced by `…name.qweight` (int8, shape (in, out): the
-transposed layout `torch._int_mm` reads) and `…name.weight_scale` (float32, (out,)), its bias as it
-was; `config.json` says `"_quantization": "int8"` (or "int8-weights"). Loading builds the float
-model on the meta device, swaps in the int8 layers the marker names and assigns the tensors
-(strict, no code run from the folder).
+transposed layout `torch._int_mm` reads; fbgemm's packed copy is made at the first call) and
+`…name.weight_scale` (float32, (out,)), its bias as it was; `config.json` says
+`"_quantization": "int8"` (or "int8-weights"). Loading builds the float model on the meta device,
+swaps in the int8 layers the marker names and assigns the tensors (strict, no code run from the
+folder).
 """
 
 from __future__ import annotations
 
-import math
+import platform
+import warnings
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
 from .errors import UserError
+from .hardware import cpu_flags
 
 if TYPE_CHECKING:
     from .pipeline import WuerstchenPipeline
@@ -56,6 +62,20 @@ MIN_ROWS = 16  # fewer rows: the dequantized float product is as fast (and exact
 # timestep mappers (`mapper`, `mapper_sca`, ...) and the condition mappers.
 FLOAT_LAYERS = ("mapper", "cond_mapper", "clip_mapper", "kv_mapper")
 STAGES = ("prior", "decoder", "vqgan")
+
+
+def _kernel() -> str:
+    """The int8 product: "fbgemm" where torch has its quantized Linear (x86, ARM), else "int_mm"."""
+    try:
+        torch.ops.quantized.linear_dynamic  # noqa: B018 (an attribute lookup that raises if missing)
+    except (AttributeError, RuntimeError):
+        return "int_mm"
+    return "fbgemm"
+
+
+KERNEL = _kernel()  # the int8 mode's product (see the module docstring)
+# Without VNNI fbgemm multiplies u8·s8 pairs into saturating int16 sums: 7-bit activations avoid it.
+REDUCE_RANGE = not {"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags() and platform.machine() in ("x86_64", "AMD64")
 
 
 def check_mode(mode: Any) -> str:
@@ -87,7 +107,7 @@ def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """(M, K) activations → int8 (M, K) and the float32 scale per row (max |x| / 127)."""
     x = x.float()
     # max |x| as one op (the ∞-norm): each op is a parallel region, and on a busy CPU each costs.
-    scale = torch.linalg.vector_norm(x, ord=math.inf, dim=1, keepdim=True).clamp_min_(1e-12).div_(127)
+    scale = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127)
     return torch.div(x, scale).round_().to(torch.int8), scale
 
 
@@ -131,6 +151,23 @@ class Int8Linear(nn.Module):
     def _int8_path(self, x: Tensor) -> bool:
         return self.activations and x.device.type == "cpu" and x.numel() >= MIN_ROWS * x.shape[-1]
 
+    def _packed(self, k: int, bias: bool) -> Any:
+        """fbgemm's packed weight of the input columns [0, k) (with the bias, or without), made at the
+        first call and kept while its tensors are unchanged (a load, a cast or a move makes a new one)."""
+        tensors = (self.qweight, self.weight_scale) + ((self.bias,) if self.bias is not None else ())
+        key = (k, bias, *((t.data_ptr(), t._version) for t in tensors))
+        cache = self.__dict__.setdefault("_packs", {})
+        if key not in cache:
+            for old in [c for c in cache if c[2:] != key[2:]]:  # weights replaced: the old packs are stale
+                del cache[old]
+            w = self.qweight[:k].t().contiguous()  # (out, k), the layout the packing reads
+            zero = torch.zeros(self.out_features, dtype=torch.long)
+            with warnings.catch_warnings():  # torch's notice that quantized tensors are deprecated
+                warnings.simplefilter("ignore")
+                qw = torch._make_per_channel_quantized_tensor(w, self.weight_scale.double(), zero, 0)
+                cache[key] = torch.ops.quantized.linear_prepack(qw, self.bias.float() if bias else None)
+        return cache[key]
+
     def _product(self, x: Tensor, other: Tensor | None) -> Tensor:
         """x (..., k) · W[:, :k]ᵀ (+ other (..., out), else + bias) in x's dtype."""
         k = x.shape[-1]
@@ -139,10 +176,15 @@ class Int8Linear(nn.Module):
             w = self.dequantized(x.dtype, 0, k)  # (k, out), contiguous: x · w is the GEMM's own layout
             y = x.reshape(-1, k) @ w if add is None else torch.addmm(add.to(x.dtype), x.reshape(-1, k), w)
             return y.view(*x.shape[:-1], -1)
-        q, s = quantize_rows(x.reshape(-1, k))
-        # int32 × float32 scale → float32 in one op, then the token scale and the bias in one more.
-        y = torch.mul(torch._int_mm(q, self.qweight[:k]), self.weight_scale)
-        y = y.mul_(s) if add is None else torch.addcmul(add.float(), y, s, out=y)
+        x2 = x.reshape(-1, k).float().contiguous()
+        if KERNEL == "fbgemm":  # quantization, int8 product and rescaling in one call
+            y = torch.ops.quantized.linear_dynamic(x2, self._packed(k, other is None and add is not None), REDUCE_RANGE)
+            y = y if other is None else y.add_(add.float())
+        else:
+            q, s = quantize_rows(x2)
+            # int32 × float32 scale → float32 in one op, then the token scale and the bias in one more.
+            y = torch.mul(torch._int_mm(q, self.qweight[:k]), self.weight_scale)
+            y = y.mul_(s) if add is None else torch.addcmul(add.float(), y, s, out=y)
         return y.view(*x.shape[:-1], -1).to(x.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
