@@ -79,6 +79,9 @@ def test_int8_linear_parts_and_casts(kernel: str) -> None:
         assert rel_err(layer.linear_add(h, projected), whole) <= (1e-5 if not activations else 0.03)
     layer.to(torch.bfloat16)
     assert layer.weight_scale.dtype == torch.float32 and layer.bias.dtype == torch.bfloat16
+    with torch.device("meta"):  # built on the meta device, then given storage (as big models are)
+        empty = Int8Linear(48, 32, True, activations).to_empty(device="cpu")
+    assert empty.weight_scale.device.type == "cpu" and empty.weight_scale.dtype == torch.float32
     assert layer(torch.randn(3, 48, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 

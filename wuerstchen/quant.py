@@ -140,7 +140,8 @@ class Int8Linear(nn.Module):
         """`to(dtype)` casts the bias, never the scales (they stay float32), on the new device."""
         scale = self.weight_scale
         super()._apply(fn, recurse)
-        self.weight_scale = scale.to(self.qweight.device, torch.float32)
+        # From the meta device (`to_empty`) there are no values to keep: the new empty tensor, in float32.
+        self.weight_scale = (self.weight_scale if scale.is_meta else scale).to(self.qweight.device, torch.float32)
         return self
 
     def dequantized(self, dtype: torch.dtype, start: int = 0, stop: int | None = None) -> Tensor:
