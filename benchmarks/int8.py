@@ -13,9 +13,10 @@ fused dynamically quantized Linear) and torch.ao's `quantize_dynamic` of the Lin
 weights, built on the meta device and filled in place (int8 modes: int8 layers from the start,
 random int8 weights with scales for a std of 1/√fan_in, so no float copy exists), then one CFG
 sampling step at `--size` as the pipeline runs it (`Placement.placed`: the float32 prior's Linear
-layers packed for oneDNN, as `packed_stages` does). Printed: weights MiB and peak RSS (VmHWM)
-above the process's baseline after its imports; the peak of one step is that of all 29 (the
-activations of a step are freed before the next).
+layers packed for oneDNN, as `packed_stages` does; "float32-unpacked": plain `F.linear`, no packed
+copy, the least float32 can take). Printed: weights MiB and peak RSS (VmHWM) above the process's
+baseline after its imports; the peak of one step is that of all 29 (the activations of a step are
+freed before the next).
 """
 
 from __future__ import annotations
@@ -103,7 +104,7 @@ def memory_child(mode: str, size: int) -> None:
     config = STAGE_C_PRESETS["official-v2"]
     with torch.device("meta"):
         prior = StageC(config)
-        if mode != "float32":
+        if not mode.startswith("float32"):
             quantize_model(prior, mode)
     prior = randomize(prior.to_empty(device="cpu"), seed=1)  # the float parameters
     g = torch.Generator().manual_seed(2)
@@ -117,7 +118,7 @@ def memory_child(mode: str, size: int) -> None:
     x = torch.randn(1, config.c_in, side, side, generator=g)
     clip = torch.randn(2, 77, config.c_cond, generator=g)  # [cond; uncond] text states
     t0 = time.perf_counter()
-    with torch.no_grad(), Placement().placed("prior", prior, packed=True) as run:
+    with torch.no_grad(), Placement().placed("prior", prior, packed=mode != "float32-unpacked") as run:
         eps = run(x, torch.full((1,), 0.5), kv=prior.condition(clip), copies=2)
     seconds = time.perf_counter() - t0
     assert torch.isfinite(eps).all()
@@ -131,13 +132,13 @@ def memory(size: int, threads: int) -> None:
     print_machine(threads)
     print(f"# official v2 prior (random weights), one CFG step at {size}×{size}, fresh process each")
     results = {}
-    for mode in ("float32", "int8-weights", "int8"):
+    for mode in ("float32", "float32-unpacked", "int8-weights", "int8"):
         cmd = [sys.executable, __file__, "memory-child", mode, "--size", str(size), "--threads", str(threads)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         results[mode] = r = json.loads(out.stdout.strip().splitlines()[-1])
-        ratio = r["peak_mib"] / results["float32"]["peak_mib"]
-        print(f"  {mode:13} weights {r['weights_mib']:7.0f} MiB   peak {r['peak_mib']:7.0f} MiB "
-              f"({ratio:.2f}× float32's)   step {r['step_s']:.1f} s", flush=True)  # fmt: skip
+        ratios = " / ".join(f"{r['peak_mib'] / results[m]['peak_mib']:.2f}" for m in results if m.startswith("float"))
+        print(f"  {mode:16} weights {r['weights_mib']:7.0f} MiB   peak {r['peak_mib']:7.0f} MiB "
+              f"({ratios}× float32's, packed / unpacked)   step {r['step_s']:.1f} s", flush=True)  # fmt: skip
 
 
 def main() -> None:

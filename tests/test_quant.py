@@ -100,7 +100,10 @@ def test_quantized_tiny_pipelines_stay_close(generation: str) -> None:
         layers = [m for m in (pipe.prior, pipe.decoder, pipe.vqgan) for m in m.modules() if isinstance(m, Int8Linear)]
         assert layers and all(m.activations == (mode == "int8") for m in layers)
         kept = [n for n, m in pipe.prior.named_modules() if type(m) is not Int8Linear and isinstance(m, nn.Linear)]
-        assert kept and all("mapper" in n for n in kept)  # timestep and condition mappers stay float
+        if mode == "int8":  # timestep and condition mappers stay float
+            assert kept and all("mapper" in n for n in kept)
+        else:  # every Linear in int8: memory is the point
+            assert not kept
         got = _generate(pipe, size)
         assert torch.isfinite(got).all()
         # The bar for int8 images (≥ 30 dB against float32); measured 47–55 dB here.

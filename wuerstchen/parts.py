@@ -35,6 +35,11 @@ Denoiser = Callable[[Tensor, Tensor], Tensor]  # (x, r) → ε, float32
 Text = tuple[Tensor, ...]
 
 
+def _dtype(model: nn.Module) -> torch.dtype:
+    """The model's float dtype, from its parameters (an int8 layer of `wuerstchen.quant` has none)."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
 @dataclass(frozen=True)
 class PipelineSettings:
     """How the stages fit together (diffusers keeps these in `model_index.json`)."""
@@ -99,7 +104,7 @@ class PriorV2:
 
     def denoiser(self, model: StageC, run: nn.Module, text: Text, guidance_scale: float, image: None) -> Denoiser:
         """`run` is the module to call (the model itself, or its compiled form)."""
-        dtype = model.projection.weight.dtype
+        dtype = _dtype(model)
         kv = model.condition(text[0].to(dtype))
         copies = 2 if guidance_scale > 1 else 1
         return guided(lambda x, r: run(x.to(dtype), r, kv=kv, copies=copies), guidance_scale)
@@ -147,7 +152,7 @@ class DecoderV2:
 
     def denoiser(self, model: StageB, run: nn.Module, semantic: Tensor, text: Text, guidance_scale: float,
                  size: tuple[int, int]) -> Denoiser:  # fmt: skip
-        dtype = model.clip_mapper.weight.dtype
+        dtype = _dtype(model)
         cfg = guidance_scale > 1
         effnet = torch.cat([semantic, torch.zeros_like(semantic)]) if cfg else semantic
         cond = model.condition(effnet.to(dtype), text[0].to(dtype), size)

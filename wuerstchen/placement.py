@@ -71,7 +71,10 @@ class Placement:
         """Yield the callable for model `name` on the execution device, honouring offload; with
         `packed` (a CPU stage), its Linear layers run on oneDNN with weights packed for the block.
         The models' fast inference paths (`kernels`) are on inside it."""
-        with packed_linears(packed and name not in self.compiled), inference_kernels():
+        # A quantized model (wuerstchen.quant) is not packed: its float Linears run once per generation,
+        # and a packed copy of them would only add to the memory that quantizing saves.
+        packed = packed and name not in self.compiled and not getattr(module, "quantization", None)
+        with packed_linears(packed), inference_kernels():
             with self._offloaded(module):
                 yield self.compiled.get(name, module)
 

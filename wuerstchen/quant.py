@@ -25,10 +25,11 @@ the medium pipeline the fused path's per-tensor scales cost 0.67% mean relative 
 decoder latents against 0.50% per token (both against float32; docs/performance.md). torchao's
 int8 configs ran at 4–43 GOP/s in eager mode on that CPU, `_weight_int8pack_mm` at 3 GFLOP/s.
 
-Kept in float (their error would dominate, or they cost nothing): every convolution (the first and
-last layers of each model, the 1×1 mappers that run once per generation), the timestep mappers (a
-row per image), the text and semantic condition mappers and the K/V mappers of the text (once per
-generation), and the attention's own QKᵀ and PV products (`docs/performance.md`: their share).
+Kept in float: every convolution (the first and last layers of each model, the 1×1 mappers that
+run once per generation) and the attention's own QKᵀ and PV products; in "int8" also the timestep
+mappers (a row per image), the text and semantic condition mappers and the K/V mappers of the text
+(once per generation: they cost nothing), which "int8-weights" stores in int8 too (for memory).
+Quantized models are not packed for oneDNN (`Placement.placed`): no float copy of any weight.
 
 Saved format (`save_pretrained` of a quantized pipeline): the same safetensors file per model,
 each quantized Linear `…name.weight` replaced by `…name.qweight` (int8, shape (in, out): the
@@ -200,24 +201,26 @@ class Int8Linear(nn.Module):
         return self.dequantized(dtype, start).t()
 
 
-def _quantizable(name: str, module: nn.Module) -> bool:
-    parts = name.split(".")
-    kept = any(p in FLOAT_LAYERS or p.startswith(("mapper_", "clip_")) for p in parts[-2:])
-    return isinstance(module, nn.Linear) and not kept
+def _kept_float(name: str) -> bool:
+    """A Linear that the int8 mode keeps in float (`FLOAT_LAYERS`, by the last parts of its name)."""
+    return any(p in FLOAT_LAYERS or p.startswith(("mapper_", "clip_")) for p in name.split(".")[-2:])
 
 
 def quantize_model(model: nn.Module, mode: str) -> nn.Module:
-    """Replace `model`'s Linear layers (all but `FLOAT_LAYERS`) in place by `Int8Linear`s; works on
-    the meta device too (for loading saved int8 weights). Returns the model."""
-    activations = check_mode(mode) == "int8"
-    for m in model.modules():  # already int8 (a saved quantized model): the mode is only the forward
+    """Replace `model`'s Linear layers in place by `Int8Linear`s: in "int8" all but `FLOAT_LAYERS`,
+    in "int8-weights" every one (memory is that mode's point: the prior's K/V mappers alone are 75M
+    parameters). Works on the meta device too (for loading saved int8 weights). Returns the model."""
+    check_mode(mode)
+    for name, m in model.named_modules():  # already int8 (a saved quantized model): the mode sets the forward
         if isinstance(m, Int8Linear):
-            m.activations = activations
-    targets = [(n, m) for n, m in model.named_modules() if _quantizable(n, m)]
+            m.activations = mode == "int8" and not _kept_float(name)
+    targets = [
+        (n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and (mode != "int8" or not _kept_float(n))
+    ]
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, Int8Linear.from_linear(linear, activations))
+        setattr(parent, child, Int8Linear.from_linear(linear, mode == "int8"))
     model.quantization = mode
     return model
 
