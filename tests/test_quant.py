@@ -31,7 +31,7 @@ def _linear(k: int, n: int, seed: int = 0) -> nn.Linear:
 @pytest.fixture(params=["fbgemm", "int_mm"])
 def kernel(request, monkeypatch) -> str:
     """Each int8 product path (`quant.KERNEL`); fbgemm where this torch has it."""
-    if request.param == "fbgemm" and quant._kernel() != "fbgemm":
+    if request.param == "fbgemm" and quant.default_kernel() != "fbgemm":
         pytest.skip("this torch has no quantized::linear_dynamic")
     monkeypatch.setattr(quant, "KERNEL", request.param)
     return request.param

@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .pipeline import WuerstchenPipeline
 from .quant import MODES as QUANT_MODES
+from .quant import default_kernel as quant_kernel
 from .sampling import DEFAULT_STAGE_C_TIMESTEPS
 
 
@@ -220,12 +221,20 @@ def _int_mm_ops(a_shape, b_shape, *args: Any, **kwargs: Any) -> int:
     return 2 * a_shape[0] * a_shape[1] * b_shape[1]
 
 
+def _linear_dynamic_ops(x_shape, packed, *args: Any, **kwargs: Any) -> int:
+    """fbgemm's int8 Linear (M, K) → (M, N): 2·M·K·N operations (N from its packed weight)."""
+    weight, _ = torch.ops.quantized.linear_unpack(packed)
+    return 2 * math.prod(x_shape[:-1]) * x_shape[-1] * weight.shape[0]
+
+
 def _flop_counter() -> FlopCounterMode:
     """torch's FLOP counter, also counting the CPU kernel of `scaled_dot_product_attention` (torch
     counts its GPU kernels, not that one: attention would count as 0 FLOPs on a CPU) and the int8
     products of `wuerstchen.quant` (as operations: "GFLOP/s" of an int8 row are int8 GOP/s)."""
     cpu_attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
     mapping = {cpu_attention: _attention_flops, torch.ops.aten._int_mm: _int_mm_ops}
+    if quant_kernel() == "fbgemm":
+        mapping[torch.ops.quantized.linear_dynamic] = _linear_dynamic_ops
     return FlopCounterMode(display=False, custom_mapping=mapping)
 
 

@@ -65,7 +65,7 @@ FLOAT_LAYERS = ("mapper", "cond_mapper", "clip_mapper", "kv_mapper")
 STAGES = ("prior", "decoder", "vqgan")
 
 
-def _kernel() -> str:
+def default_kernel() -> str:
     """The int8 product: "fbgemm" where torch has its quantized Linear (x86, ARM), else "int_mm"."""
     try:
         torch.ops.quantized.linear_dynamic  # noqa: B018 (an attribute lookup that raises if missing)
@@ -74,7 +74,7 @@ def _kernel() -> str:
     return "fbgemm"
 
 
-KERNEL = _kernel()  # the int8 mode's product (see the module docstring)
+KERNEL = default_kernel()  # the int8 mode's product (see the module docstring)
 # Without VNNI fbgemm multiplies u8·s8 pairs into saturating int16 sums: 7-bit activations avoid it.
 REDUCE_RANGE = not {"avx512_vnni", "avx_vnni", "amx_int8"} & cpu_flags() and platform.machine() in ("x86_64", "AMD64")
 
