@@ -49,6 +49,7 @@ class BenchOptions:
     warmup: int = 1  # untimed runs first
     threads: int | None = None  # torch threads (None: torch's choice)
     compile: bool = True  # also the torch.compile rows
+    openvino: bool = True  # also the OpenVINO rows, when openvino and nncf are installed (wuerstchen.bench_openvino)
     paper: bool = False  # also FLOPs per 1024² image: Würstchen v2 vs SDXL
     official: bool = False  # ours alone on the official-size config
     dtype: str = "bfloat16"  # with `official`
@@ -104,9 +105,10 @@ def print_machine(threads: int) -> None:
           + str(auto_dtype("cpu")).removeprefix("torch."))  # fmt: skip
 
 
-def load_reference(folder: Path, dtype: torch.dtype = torch.float32):
+def load_reference(folder: Path, dtype: torch.dtype = torch.float32, prior: Any = None, decoder: Any = None):
     """diffusers' combined pipeline from the component folders we wrote (its own `from_pretrained`
-    of the whole folder no longer resolves the deprecated classes)."""
+    of the whole folder no longer resolves the deprecated classes); `prior` / `decoder`: modules
+    that stand in for its torch prior and decoder, which are then not loaded (the OpenVINO rows)."""
     from diffusers import DDPMWuerstchenScheduler, WuerstchenCombinedPipeline
     from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel, WuerstchenDiffNeXt, WuerstchenPrior
     from transformers import CLIPTextModel, CLIPTokenizer
@@ -115,11 +117,11 @@ def load_reference(folder: Path, dtype: torch.dtype = torch.float32):
         return cls.from_pretrained(folder / name, torch_dtype=dtype)
 
     ref = WuerstchenCombinedPipeline(
-        prior_prior=model(WuerstchenPrior, "prior_prior"),
+        prior_prior=model(WuerstchenPrior, "prior_prior") if prior is None else prior,
         prior_text_encoder=CLIPTextModel.from_pretrained(folder / "prior_text_encoder", dtype=dtype),
         prior_tokenizer=CLIPTokenizer.from_pretrained(folder / "prior_tokenizer"),
         prior_scheduler=DDPMWuerstchenScheduler.from_pretrained(folder / "prior_scheduler"),
-        decoder=model(WuerstchenDiffNeXt, "decoder"),
+        decoder=model(WuerstchenDiffNeXt, "decoder") if decoder is None else decoder,
         text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder", dtype=dtype),
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
         scheduler=DDPMWuerstchenScheduler.from_pretrained(folder / "scheduler"),
@@ -362,22 +364,33 @@ def _peak_rss_kib() -> int:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
 
 
+def _impl(name: str) -> str:
+    """Which `stage_runners` an implementation takes: the OpenVINO rows run in diffusers' pipeline."""
+    return "diffusers" if name.startswith(("diffusers", "openvino")) else "ours"
+
+
 def child_main(args: BenchOptions) -> None:
     """In a fresh process: load one implementation, generate once, print load time and peak RSS."""
     torch.set_num_threads(args.threads)
     # Import what either side needs before the clock starts: load time is reading weights.
     from transformers import CLIPTextModel, CLIPTokenizer  # noqa: F401
 
-    if args.child.startswith("diffusers"):
+    if args.child.startswith(("diffusers", "openvino")):
         import diffusers.pipelines.deprecated.wuerstchen  # noqa: F401
     else:
         import wuerstchen.io.folders  # noqa: F401
+    if args.child.startswith("openvino"):
+        import openvino  # noqa: F401
     base = _current_rss_kib()
     dtype = torch.bfloat16 if args.child.endswith("bf16") else torch.float32
     quantize = next((m for m in QUANT_MODES if args.child.endswith(f"-{m}")), None)
     t0 = time.perf_counter()
-    impl = "diffusers" if args.child.startswith("diffusers") else "ours"
-    if impl == "diffusers":
+    impl = _impl(args.child)
+    if args.child.startswith("openvino"):  # the IR saved by the parent (bench_openvino.export), compiled
+        from .bench_openvino import load_pipeline
+
+        pipe = load_pipeline(Path(args.folder), args.child.removeprefix("openvino-"), args.threads)
+    elif impl == "diffusers":
         pipe = (load_cascade_reference if args.cascade else load_reference)(Path(args.folder), dtype)
     else:
         pipe = WuerstchenPipeline.from_pretrained(args.folder, torch_dtype=dtype, quantize=quantize)
@@ -579,10 +592,8 @@ def main(args: BenchOptions) -> int:
                 pipe = WuerstchenPipeline.from_pretrained(folder, torch_dtype=dtype)
                 pipe.compile()
                 impls[f"ours {name} compiled"] = pipe
-        runners = {
-            name: stage_runners("diffusers" if name.startswith("diffusers") else "ours", p, size, times, decoder_steps)
-            for name, p in impls.items()
-        }
+        openvino_seconds = openvino_rows(impls, folder, args, times) if args.openvino else {}
+        runners = {name: stage_runners(_impl(name), p, size, times, decoder_steps) for name, p in impls.items()}
         results: dict[str, list[list[float]]] = {name: [] for name in impls}
         outputs: dict[str, list[torch.Tensor]] = {}
         compile_seconds = {}
@@ -596,13 +607,15 @@ def main(args: BenchOptions) -> int:
             for name in impls:
                 seconds, outputs[name] = run_once(runners[name])
                 results[name].append(seconds)
-        # FLOPs are counted in eager mode (a compiled model does the same arithmetic).
+        # FLOPs are counted in eager mode (a compiled model does the same arithmetic); torch's counter
+        # does not see OpenVINO's ops: those rows count diffusers' (the same graph; int8 as operations).
         flops = {
-            name: count_flops("diffusers" if name.startswith("diffusers") else "ours", p, size, times, decoder_steps)
+            name: count_flops(_impl(name), p, size, times, decoder_steps)
             for name, p in impls.items()
-            if not name.endswith("compiled")
+            if not name.endswith("compiled") and not name.startswith("openvino")
         }
         flops |= {name: flops[name.removesuffix(" compiled")] for name in impls if name.endswith("compiled")}
+        flops |= {name: flops["diffusers fp32"] for name in impls if name.startswith("openvino")}
         eager = [name for name in impls if not name.endswith("compiled")]
         memory = {name: measure_in_child(name.replace(" ", "-"), folder, args) for name in eager}
         ablation = ablations(impls["ours fp32"], size, times, decoder_steps, args.repeats)
@@ -621,8 +634,12 @@ def main(args: BenchOptions) -> int:
     ref_total = sum(best["diffusers fp32"])
     for name, seconds in compile_seconds.items():
         print(f"{name}: the first call (compiling each stage) took {seconds:.1f} s")
+    if openvino_seconds:
+        took = ", ".join(f"{k} {v:.1f} s" for k, v in openvino_seconds.items())
+        print(f"openvino (not part of the timing): {took}; the openvino rows' GFLOP are diffusers fp32's "
+              "(torch's counter does not see OpenVINO's ops)")  # fmt: skip
     print("\nspeed-up against diffusers fp32 (best of the repeats, whole generation):")
-    for name in [n for n in impls if n.startswith("ours")]:
+    for name in [n for n in impls if n != "diffusers fp32"]:
         per_stage = ", ".join(f"{st} {best['diffusers fp32'][i] / best[name][i]:.2f}×" for i, st in enumerate(STAGES))
         print(f"  {name}: {ref_total / sum(best[name]):.2f}× ({per_stage})")
     ref_img, ours_img = outputs["diffusers fp32"][2], outputs["ours fp32"][2]
@@ -630,7 +647,7 @@ def main(args: BenchOptions) -> int:
           f"prior latents {(outputs['ours fp32'][0] - outputs['diffusers fp32'][0]).abs().max():.2e}, "
           f"decoder latents {(outputs['ours fp32'][1] - outputs['diffusers fp32'][1]).abs().max():.2e}")  # fmt: skip
     a = outputs["ours fp32"][1]
-    for name in [n for n in impls if n.startswith("ours") and n != "ours fp32"]:
+    for name in [n for n in impls if n not in ("diffusers fp32", "ours fp32")]:
         b = outputs[name][1]
         print(f"{name} decoder latents vs ours fp32: mean relative error {(a - b).abs().mean() / a.abs().mean():.2%}"
               f"; max |image − diffusers fp32| {(outputs[name][2] - ref_img).abs().max():.2e}")  # fmt: skip
@@ -640,7 +657,7 @@ def main(args: BenchOptions) -> int:
             f"  {name:16} load {m['load_s']:6.2f} s   weights {m['load_mib']:7.0f} MiB   peak {m['peak_mib']:7.0f} MiB"
         )
     ref_m = memory["diffusers fp32"]
-    for name in [n for n in memory if n.startswith("ours")]:
+    for name in [n for n in memory if n != "diffusers fp32"]:
         m = memory[name]
         ratio = m["peak_mib"] / ref_m["peak_mib"] if ref_m["peak_mib"] > 0 else float("nan")
         print(f"  {name} / diffusers fp32: load time {m['load_s'] / ref_m['load_s']:.2f}×, peak memory {ratio:.2f}×")
@@ -656,6 +673,28 @@ def main(args: BenchOptions) -> int:
               f"(prior 29 steps CFG + decoder 12 + VQGAN), SDXL UNet 50 steps CFG {sdxl / 1e12:.0f} TFLOP: "
               f"{sdxl / w:.1f}× more")  # fmt: skip
     return 0
+
+
+def openvino_rows(impls: dict[str, Any], folder: Path, args: BenchOptions, times: list[float]) -> dict[str, float]:
+    """Adds "openvino fp32" and "openvino int8" to `impls` (diffusers' pipeline with its prior and
+    decoder in OpenVINO, see wuerstchen.bench_openvino), converted and quantized from "diffusers
+    fp32"'s torch modules and saved under `folder` for the fresh processes; returns the seconds
+    that took. Without openvino and nncf installed: one line, and nothing added."""
+    from . import bench_openvino
+
+    if not bench_openvino.available():
+        print("# openvino/nncf not installed: pip install 'wuerstchen[bench]' for the OpenVINO rows")
+        return {}
+    import openvino
+
+    print(f"# openvino {openvino.__version__}: diffusers' prior and decoder converted (fp32) and quantized by NNCF "
+          f"(int8), inside diffusers' pipeline, CPU, {args.threads} threads")  # fmt: skip
+    seconds = bench_openvino.export(impls["diffusers fp32"], folder, args.size, times, args.decoder_steps)
+    for precision in bench_openvino.PRECISIONS:
+        t0 = time.perf_counter()
+        impls[f"openvino {precision}"] = bench_openvino.load_pipeline(folder, precision, args.threads)
+        seconds[f"{precision} load and compile"] = time.perf_counter() - t0
+    return seconds
 
 
 def cascade_main(args: BenchOptions) -> int:

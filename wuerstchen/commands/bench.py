@@ -18,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--no-compile", dest="compile", action="store_false",
                    help="skip the torch.compile rows (each compiles three stages first: minutes on a CPU)")  # fmt: skip
+    p.add_argument("--no-openvino", dest="openvino", action="store_false",
+                   help="skip the OpenVINO rows (diffusers' prior and decoder in OpenVINO, fp32 and NNCF int8; "
+                        "they need pip install 'wuerstchen[bench]')")  # fmt: skip
     p.add_argument("--paper", action="store_true", help="also count FLOPs per 1024² image: Würstchen v2 vs SDXL")
     p.add_argument("--official", action="store_true", help="ours alone on the official-size config (use --size 1024)")
     p.add_argument("--dtype", default="bfloat16", help="with --official: bfloat16 (default) or float32")
