@@ -64,7 +64,7 @@ def test_fp32_models_match_diffusers_torch_modules(exported):
 def test_fp32_pipeline_matches_diffusers(exported):
     """The stand-in modules inside diffusers' pipeline: the same prior and decoder latents."""
     folder, reference, _ = exported
-    pipe = bench_openvino.load_pipeline(folder, "fp32", threads=1)
+    pipe = bench.load_openvino(folder, "fp32", threads=1)
     assert isinstance(pipe.prior_pipe.prior, bench_openvino.OpenVINOModule)
     assert isinstance(pipe.decoder_pipe.decoder, bench_openvino.OpenVINOModule)
     run = lambda p: bench.run_once(bench.stage_runners("diffusers", p, SIZE, DEFAULT_STAGE_C_TIMESTEPS, DECODER_STEPS))
@@ -83,6 +83,6 @@ def test_int8_models_are_quantized_and_stay_close(exported):
     for stage, errors in _errors(exported, "int8").items():
         for _, mean in errors:
             assert mean < INT8_MEAN_TOLERANCE, (stage, errors)
-    pipe = bench_openvino.load_pipeline(folder, "int8", threads=1)
+    pipe = bench.load_openvino(folder, "int8", threads=1)
     _, outputs = bench.run_once(bench.stage_runners("diffusers", pipe, SIZE, DEFAULT_STAGE_C_TIMESTEPS, 1))
     assert all(torch.isfinite(x).all() for x in outputs)

@@ -387,9 +387,7 @@ def child_main(args: BenchOptions) -> None:
     t0 = time.perf_counter()
     impl = _impl(args.child)
     if args.child.startswith("openvino"):  # the IR saved by the parent (bench_openvino.export), compiled
-        from .bench_openvino import load_pipeline
-
-        pipe = load_pipeline(Path(args.folder), args.child.removeprefix("openvino-"), args.threads)
+        pipe = load_openvino(Path(args.folder), args.child.removeprefix("openvino-"), args.threads)
     elif impl == "diffusers":
         pipe = (load_cascade_reference if args.cascade else load_reference)(Path(args.folder), dtype)
     else:
@@ -675,6 +673,15 @@ def main(args: BenchOptions) -> int:
     return 0
 
 
+def load_openvino(folder: Path, precision: str, threads: int) -> Any:
+    """diffusers' combined pipeline with the OpenVINO models of `precision` (saved under `folder` by
+    `bench_openvino.export`) as its prior and decoder: the torch prior and decoder are not loaded."""
+    from .bench_openvino import load_module
+
+    return load_reference(folder, prior=load_module(folder, "prior", precision, threads),
+                          decoder=load_module(folder, "decoder", precision, threads))  # fmt: skip
+
+
 def openvino_rows(impls: dict[str, Any], folder: Path, args: BenchOptions, times: list[float]) -> dict[str, float]:
     """Adds "openvino fp32" and "openvino int8" to `impls` (diffusers' pipeline with its prior and
     decoder in OpenVINO, see wuerstchen.bench_openvino), converted and quantized from "diffusers
@@ -692,7 +699,7 @@ def openvino_rows(impls: dict[str, Any], folder: Path, args: BenchOptions, times
     seconds = bench_openvino.export(impls["diffusers fp32"], folder, args.size, times, args.decoder_steps)
     for precision in bench_openvino.PRECISIONS:
         t0 = time.perf_counter()
-        impls[f"openvino {precision}"] = bench_openvino.load_pipeline(folder, precision, args.threads)
+        impls[f"openvino {precision}"] = load_openvino(folder, precision, args.threads)
         seconds[f"{precision} load and compile"] = time.perf_counter() - t0
     return seconds
 

@@ -242,12 +242,3 @@ def load_module(folder: Path, stage: str, precision: str, threads: int) -> OpenV
     config = FrozenDict(cls.load_config(folder / FOLDERS[stage]))
     compiled = compile_model(ov.Core().read_model(ir_path(folder, stage, precision)), threads)
     return OpenVINOModule(compiled, INPUTS[stage], config)
-
-
-def load_pipeline(folder: Path, precision: str, threads: int) -> Any:
-    """diffusers' combined pipeline with the OpenVINO models of `precision` as its prior and decoder
-    (`prior_pipe.prior`, `decoder_pipe.decoder`): the torch prior and decoder are not loaded."""
-    from .bench import load_reference
-
-    return load_reference(folder, prior=load_module(folder, "prior", precision, threads),
-                          decoder=load_module(folder, "decoder", precision, threads))  # fmt: skip
