@@ -234,3 +234,21 @@ def test_image_to_image_inpainting_and_variations_from_the_command_line(tmp_path
     assert code == 0, err
     with Image.open(path.strip()) as im:
         assert np.array_equal(np.asarray(im.convert("RGB")), pixels)
+
+
+def test_a_size_that_cannot_fit_is_refused_before_sampling(tiny_folder: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import wuerstchen.hardware
+    from wuerstchen import WuerstchenPipeline
+    from wuerstchen.commands.generate import VQGAN_BYTES_PER_PIXEL_CHANNEL, _check_memory
+    from wuerstchen.errors import UserError
+
+    pipe = WuerstchenPipeline.from_pretrained(tiny_folder)
+    weights = sum(p.numel() * p.element_size() for m in pipe.modules().values() for p in m.parameters())
+    per_pixel = VQGAN_BYTES_PER_PIXEL_CHANNEL * pipe.vqgan.config.embed_dim  # float32 weights: 4-byte elements
+    # A machine with room for the weights and a 256×256 image's VQGAN activations, not a 512×256 one's.
+    monkeypatch.setattr(wuerstchen.hardware, "total_memory", lambda device: weights + per_pixel * 256 * 256)
+    _check_memory(pipe, 256, 256)
+    with pytest.raises(UserError, match=r"^256×512 px needs at least .* GiB on cpu .* ask for a smaller size$"):
+        _check_memory(pipe, 512, 256)
+    monkeypatch.setattr(wuerstchen.hardware, "total_memory", lambda device: None)  # unknown: no refusal
+    _check_memory(pipe, 8192, 8192)

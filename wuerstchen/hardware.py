@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import platform
 import subprocess
 from pathlib import Path
@@ -105,6 +106,19 @@ def default_device() -> torch.device:
     if mps is not None and mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def total_memory(device: torch.device | str) -> int | None:
+    """Bytes of memory on `device`: the GPU's for CUDA, the machine's RAM for the CPU; None where unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory if torch.cuda.is_available() else None
+    if device.type != "cpu":
+        return None
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")  # Linux and macOS
+    except (AttributeError, ValueError, OSError):
+        return None
 
 
 DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,

@@ -98,6 +98,33 @@ def _check_size(value: int | None, name: str, step: int, default: int) -> int:
     return value
 
 
+# Bytes of the VQGAN decoder's activations per output pixel and per unit of its embed_dim in float32,
+# a floor: measured 1.08, 1.03, 1.01 at 1024², 2048², 4096² (tending to 1.0 as the size grows; official
+# embed_dim 384; `python benchmarks/vqgan_memory.py`, docs/performance.md), 0.9 to stay below.
+VQGAN_BYTES_PER_PIXEL_CHANNEL = 0.9
+
+
+def _check_memory(pipe, height: int, width: int) -> None:
+    """Refuse a size whose image cannot fit: the weights on the device plus a floor for the VQGAN's
+    full-resolution activations (the largest of the three stages'), before any sampling."""
+    from ..hardware import total_memory
+
+    device = pipe.device
+    total = total_memory(device)
+    if total is None or pipe.vqgan is None:
+        return
+    params = [p for m in pipe.modules().values() for p in m.parameters()]
+    weights = sum(p.numel() * p.element_size() for p in params if p.device.type == device.type)
+    element = next(pipe.vqgan.parameters()).element_size()
+    activations = VQGAN_BYTES_PER_PIXEL_CHANNEL * element / 4 * height * width * pipe.vqgan.config.embed_dim
+    if weights + activations > total:
+        raise UserError(
+            f"{width}×{height} px needs at least {(weights + activations) / 2**30:.1f} GiB on {device.type} "
+            f"({activations / 2**30:.1f} GiB for the VQGAN's activations alone) and this machine has "
+            f"{total / 2**30:.1f} GiB: ask for a smaller size"
+        )
+
+
 MAX_SIDE, MAX_STEPS, MAX_GUIDANCE = 8192, 1000, 100.0  # beyond these a job is a mistake, not a wish
 MAX_INPUT_PIXELS = 4096 * 4096  # an --image/--mask/--variations file
 JOB_FIELDS = ("prompt", "negative_prompt", "height", "width", "seed", "prior_timesteps", "prior_steps", "prior_shift",
@@ -302,6 +329,8 @@ def run(args: argparse.Namespace) -> int:
         sized = "image" not in inputs or job["height"] is not None  # else the image's size, snapped
         height = _check_size(job["height"], "height", step, native) if sized else None
         width = _check_size(job["width"], "width", step, native) if sized or job["width"] is not None else None
+        source = inputs.get("image")
+        _check_memory(pipe, height or source.height, width or source.width)
         times = job["prior_timesteps"] or prior_times(pipe.prior_part, job["prior_steps"], job.get("prior_shift", 1))
         decoder_steps = job.get("decoder_steps") or pipe.prior_part.defaults["decoder_steps"]
         run = pipe.variations if job["variations"] else pipe
