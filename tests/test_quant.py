@@ -65,6 +65,22 @@ def test_int8_linear_is_the_float_product_within_int8_rounding(kernel: str) -> N
 
 
 @torch.no_grad()
+def test_int8_linear_follows_new_weights(kernel: str) -> None:
+    """fbgemm's packed weight is made at the first call: weights changed in place or replaced after
+    it (a LoRA merge, `load_state_dict`) are used at the next call, as a fresh layer would."""
+    x = torch.randn(64, 48, generator=torch.Generator().manual_seed(3))
+    layer = Int8Linear.from_linear(_linear(48, 32), activations=True)
+    layer(x)
+    other = Int8Linear.from_linear(_linear(48, 32, seed=1), activations=True)
+    layer.qweight.copy_(other.qweight)  # in place: the same storage, a new version
+    layer.weight_scale.copy_(other.weight_scale)
+    layer.bias = other.bias.clone()  # replaced: another tensor
+    assert torch.equal(layer(x), other(x))
+    layer.load_state_dict(Int8Linear.from_linear(_linear(48, 32, seed=2), activations=True).state_dict())
+    assert torch.equal(layer(x), Int8Linear.from_linear(_linear(48, 32, seed=2), activations=True)(x))
+
+
+@torch.no_grad()
 def test_int8_linear_parts_and_casts(kernel: str) -> None:
     """`linear_add` + `columns` (Stage B's precomputed skip) give the whole product; `to(bfloat16)`
     keeps the scales in float32; few rows take the dequantized path."""

@@ -107,7 +107,7 @@ def quantize_weight(weight: Tensor) -> tuple[Tensor, Tensor]:
 def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """(M, K) activations → int8 (M, K) and the float32 scale per row (max |x| / 127)."""
     x = x.float()
-    # max |x| as one op (the ∞-norm): each op is a parallel region, and on a busy CPU each costs.
+    # abs then amax: torch's ∞-norm (`linalg.vector_norm(ord=inf)`), one op, runs 5× slower (4096 × 1536).
     scale = x.abs().amax(dim=1, keepdim=True).clamp_min_(1e-12).div_(127)
     return torch.div(x, scale).round_().to(torch.int8), scale
 
@@ -157,11 +157,11 @@ class Int8Linear(nn.Module):
         """fbgemm's packed weight of the input columns [0, k) (with the bias, or without), made at the
         first call and kept while its tensors are unchanged (a load, a cast or a move makes a new one)."""
         tensors = (self.qweight, self.weight_scale) + ((self.bias,) if self.bias is not None else ())
-        key = (k, bias, *((t.data_ptr(), t._version) for t in tensors))
-        cache = self.__dict__.setdefault("_packs", {})
+        weights = tuple((t.data_ptr(), t._version) for t in tensors)
+        if self.__dict__.get("_packed_from") != weights:  # new or replaced weights: the old packs are stale
+            self.__dict__.update(_packed_from=weights, _packs={})
+        cache, key = self.__dict__["_packs"], (k, bias)
         if key not in cache:
-            for old in [c for c in cache if c[2:] != key[2:]]:  # weights replaced: the old packs are stale
-                del cache[old]
             w = self.qweight[:k].t().contiguous()  # (out, k), the layout the packing reads
             zero = torch.zeros(self.out_features, dtype=torch.long)
             with warnings.catch_warnings():  # torch's notice that quantized tensors are deprecated
