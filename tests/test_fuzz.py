@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +184,9 @@ def test_generated_raw_requests_are_closed_in_time(fuzz_server: tuple[int, Path]
              b"POST /api/jobs HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
              b"GET /health HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"]  # fmt: skip
     heads += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))) for _ in range(10)]
-    for i, head in enumerate(heads):
+
+    def send(head: bytes) -> str | None:
+        """None if the server answered or hung up within 15 s, else what went wrong."""
         with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
             start = time.monotonic()
             try:
@@ -193,9 +196,14 @@ def test_generated_raw_requests_are_closed_in_time(fuzz_server: tuple[int, Path]
             except (ConnectionResetError, BrokenPipeError):
                 pass
             except TimeoutError:
-                pytest.fail(f"#{i} {head[:60]!r}: the connection was still open after 15 s")
-            assert time.monotonic() - start < 15, head[:60]
-        still_serving(port, f"raw #{i} {head[:60]!r}")
+                return "the connection was still open after 15 s"
+            return None if time.monotonic() - start < 15 else "it took 15 s or more"
+
+    # All at once: each waits out the header timeout, and the server must hold them together.
+    with ThreadPoolExecutor(len(heads)) as pool:
+        problems = list(pool.map(send, heads))
+    assert not any(problems), [(head[:60], p) for head, p in zip(heads, problems, strict=True) if p]
+    still_serving(port, "raw requests")
 
 
 def multipart(parts: list[tuple[str, str | None, bytes]], boundary: str = "fuzzb") -> bytes:
@@ -295,7 +303,7 @@ for i, (label, name, contents, binary) in enumerate(cases):
         path.write_bytes(bytes.fromhex(contents))
     else:
         path.write_text(contents, encoding="utf-8", errors="surrogatepass")
-    print(json.dumps({"case": i, "start": True}), flush=True)
+    print("FUZZ", json.dumps({"case": i, "start": True}), flush=True)
     start = time.monotonic()
     try:
         WuerstchenPipeline.from_pretrained(folder)
@@ -305,9 +313,14 @@ for i, (label, name, contents, binary) in enumerate(cases):
     except BaseException:
         result = {"ok": False, "traceback": traceback.format_exc(limit=-3)}
     result.update(case=i, seconds=time.monotonic() - start)
-    print(json.dumps(result), flush=True)
+    print("FUZZ", json.dumps(result), flush=True)
     shutil.rmtree(folder)
 """
+
+
+def lines(out: str) -> list[str]:
+    """The worker's own lines: a library may print to stdout too."""
+    return [line for line in out.splitlines() if line.startswith("FUZZ ")]
 
 
 def _limit_memory() -> None:
@@ -331,18 +344,23 @@ def test_generated_corrupt_model_folders(tiny_folder: Path, tmp_path: Path) -> N
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
-        started = [json.loads(line)["case"] for line in out.splitlines() if '"start"' in line]
+        started = [json.loads(line[5:])["case"] for line in lines(out) if '"start"' in line]
         pytest.fail(f"the load of case {cases[started[-1]][0]!r} did not end in 240 s")
-    results = [json.loads(line) for line in out.splitlines() if '"start"' not in line]
+    results = [json.loads(line[5:]) for line in lines(out) if '"start"' not in line]
     assert proc.returncode == 0 and len(results) == len(cases), out[-2000:]
+    failures = []
     for result in results:
         label, name, _ = cases[result["case"]]
-        assert "traceback" not in result, f"{label}: not a one-line error:\n{result['traceback']}"
-        assert result["seconds"] < 30, f"{label}: {result['seconds']:.0f} s"
-        if not result["ok"]:
+        if "traceback" in result:
+            failures.append(f"{label}: not a one-line error:\n{result['traceback']}")
+        elif result["seconds"] >= 30:
+            failures.append(f"{label}: {result['seconds']:.0f} s")
+        elif not result["ok"]:
             message = result["message"]
             component = name.split("/")[0] if "/" in name else name
-            assert "\n" not in message and component in message, f"{label}: {message!r}"
+            if "\n" in message or component not in message:
+                failures.append(f"{label}: {message!r}")
+    assert not failures, f"{len(failures)} of {len(cases)} cases:\n" + "\n".join(failures)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cases.json", "folders"]  # nothing written beside
     assert not any(work.iterdir())
 

@@ -220,7 +220,7 @@ def _edit(folder, name: str, change) -> None:
          "each integer must be from 1 to 131072"),
         ("prior_prior/config.json", lambda d: d | {"nhead": 0}, "nhead=0 must be ≥ 1 and divide"),
         ("prior_prior/config.json", lambda d: d | {"c": -1}, "c = -1: each integer must be from 1"),
-        ("prior_prior/config.json", lambda d: d | {"c": "abc"}, "c = 'abc' is not a int"),
+        ("prior_prior/config.json", lambda d: d | {"c": "abc"}, "c = 'abc': expected int"),
         ("prior_prior/config.json", lambda d: [d], "must hold a JSON object, not a list"),
         ("decoder/config.json", lambda d: d | {"nhead": [*d["nhead"], 1]}, "entries each"),
         ("model_index.json", lambda d: d | {"resolution_multiple": 0}, "resolution_multiple = 0 must be > 0"),

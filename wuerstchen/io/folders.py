@@ -28,7 +28,7 @@ import torch
 
 from ..assets import SHIPPED_MODEL_NAME, shipped_model
 from ..hardware import resolve_dtype
-from ..models.config import config_from_dict
+from ..models.config import check_field, config_from_dict
 from ..models.stage_a import StageA
 from ..models.stage_b import StageB
 from ..models.stage_c import StageC
@@ -135,13 +135,29 @@ def _allowed(name: str | None, allowed: tuple[str, ...], default: str, what: str
     return name
 
 
+def _from_pretrained(cls: type, folder: Path, what: str, **kwargs: Any) -> Any:
+    """`cls.from_pretrained(folder)`, local files only and no code from the folder; whatever is
+    wrong in the folder's files (bad JSON, a list where an object belongs, cut weights) becomes a
+    one-line error naming the folder, not transformers' or safetensors' traceback."""
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no {what} folder here; is this a complete model folder?")
+    try:
+        return cls.from_pretrained(folder, trust_remote_code=False, local_files_only=True, **kwargs)
+    except MemoryError:
+        raise
+    except Exception as e:  # any of a dozen types, from transformers, tokenizers, safetensors or json
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise UserError(
+            f"{folder}: its {what} files do not load ({type(e).__name__}: {first}); replace them with the published ones"
+        ) from e
+
+
 def load_text_encoder(folder: Path, class_name: str | None, dtype: torch.dtype | None, variant: str | None = None):
     import transformers
 
     name = _allowed(class_name, TEXT_ENCODER_CLASSES, "CLIPTextModel", "text encoder", folder)
-    model = getattr(transformers, name).from_pretrained(
-        folder, dtype=dtype, variant=_has_variant(folder, variant), trust_remote_code=False
-    )
+    model = _from_pretrained(getattr(transformers, name), folder, "text encoder", dtype=dtype,
+                             variant=_has_variant(folder, variant))  # fmt: skip
     return model.eval().requires_grad_(False)
 
 
@@ -150,9 +166,8 @@ def load_image_encoder(folder: Path, class_name: str | None, dtype: torch.dtype 
     import transformers
 
     name = _allowed(class_name, IMAGE_ENCODER_CLASSES, IMAGE_ENCODER_CLASSES[0], "image encoder", folder)
-    model = getattr(transformers, name).from_pretrained(
-        folder, dtype=dtype, variant=_has_variant(folder, variant), trust_remote_code=False
-    )
+    model = _from_pretrained(getattr(transformers, name), folder, "image encoder", dtype=dtype,
+                             variant=_has_variant(folder, variant))  # fmt: skip
     return model.eval().requires_grad_(False)
 
 
@@ -160,7 +175,7 @@ def load_image_processor(folder: Path, class_name: str | None):
     import transformers
 
     name = _allowed(class_name, IMAGE_PROCESSOR_CLASSES, IMAGE_PROCESSOR_CLASSES[0], "feature extractor", folder)
-    return getattr(transformers, name).from_pretrained(folder, trust_remote_code=False)
+    return _from_pretrained(getattr(transformers, name), folder, "feature extractor")
 
 
 def _has_variant(folder: Path, variant: str | None) -> str | None:
@@ -180,7 +195,7 @@ def load_tokenizer(folder: Path, class_name: str | None):
         config = folder / "tokenizer_config.json"
         class_name = read_json(config).get("tokenizer_class") if config.is_file() else None
     name = _allowed(class_name, TOKENIZER_CLASSES, "CLIPTokenizer", "tokenizer", folder)
-    return getattr(transformers, name).from_pretrained(folder, trust_remote_code=False)
+    return _from_pretrained(getattr(transformers, name), folder, "tokenizer")
 
 
 def _class_of(index: dict[str, Any], name: str) -> str | None:
@@ -216,7 +231,11 @@ def _model_class(folder: Path, stage: str) -> type:
 
 def _scheduler_s(folder: Path) -> float | None:
     config = folder / "scheduler_config.json"
-    return float(read_json(config).get("s", 0.008)) if config.exists() else None
+    if not config.exists():
+        return None
+    s = read_json(config).get("s", 0.008)
+    check_field("s", s, float, 0.008, str(config))
+    return float(s)
 
 
 def load_pipeline(

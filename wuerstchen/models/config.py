@@ -26,6 +26,8 @@ MAX_COUNT = 512
 COUNT_WORDS = ("depth", "blocks", "layers", "levels", "head", "repeat", "stages")
 # Floats that divide or scale a size: zero or a negative value cannot mean anything.
 POSITIVE = ("resolution_multiple", "latent_dim_scale", "latent_scale", "scale_factor", "norm_eps", "s")
+# Probabilities: a dropout of 1 drops everything (allowed, as torch allows it), beyond is no number.
+FRACTIONS = ("dropout",)
 
 
 def _freeze(value: Any) -> Any:
@@ -97,13 +99,34 @@ def _ints(value: Any) -> list[int]:
     return [i for v in value for i in _ints(v)] if isinstance(value, tuple) else []
 
 
+def _type_name(tp: Any) -> str:
+    """`int`, `float or None`, `a list of int`: the annotation in a config writer's words."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is tuple:
+        inner = args[:1] if len(args) == 2 and args[1] is Ellipsis else args
+        return f"a list of {' / '.join(dict.fromkeys(_type_name(a) for a in inner))}"
+    return "None" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _numbers(value: Any) -> list[float]:
+    if isinstance(value, bool) or value is None:
+        return []
+    if isinstance(value, int | float):
+        return [value]
+    return [n for v in value for n in _numbers(v)] if isinstance(value, tuple) else []
+
+
 def check_field(name: str, value: Any, tp: Any, default: Any, where: str) -> None:
     """One field of a config from a file: its type, its integers' range, its sign (see MAX_INT)."""
     if not _conforms(value, tp):
         shown = repr(value)[:60]
-        raise UserError(f"{where}.{name} = {shown} is not a {getattr(tp, '__name__', tp)}: fix the config")
+        raise UserError(f"{where}.{name} = {shown}: expected {_type_name(tp)}; fix the config")
     if name in POSITIVE and isinstance(value, int | float) and not 0 < value <= MAX_INT:
         raise UserError(f"{where}.{name} = {value} must be > 0 (and at most {MAX_INT})")
+    if any(w in name for w in FRACTIONS) and not all(0 <= v <= 1 for v in _numbers(value)):
+        raise UserError(f"{where}.{name} = {repr(value)[:60]}: a dropout is from 0 to 1")
     if not _mentions_int(tp):  # a float written as 0 in JSON is not an integer field
         return
     ints, defaults = _ints(value), _ints(default) if default is not dataclasses.MISSING else []
@@ -126,6 +149,8 @@ def read_json(path: str | Path) -> dict[str, Any]:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise UserError(f"{path}: not a config (its JSON is nested too deeply to read)") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: must hold a JSON object, not a {type(data).__name__}")
     return data
