@@ -147,8 +147,8 @@ def _from_pretrained(cls: type, folder: Path, what: str, **kwargs: Any) -> Any:
         raise
     except Exception as e:  # any of a dozen types, from transformers, tokenizers, safetensors or json
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        problem = f"{type(e).__name__}: {first}"
-        raise UserError(f"{folder}: its {what} files do not load ({problem}); replace them with the published ones") from e
+        problem = f"{folder}: its {what} files do not load ({type(e).__name__}: {first})"
+        raise UserError(f"{problem}; replace them with the published ones") from e
 
 
 def load_text_encoder(folder: Path, class_name: str | None, dtype: torch.dtype | None, variant: str | None = None):
