@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -155,9 +156,18 @@ def test_generated_headers_methods_and_paths(fuzz_server: tuple[int, Path]) -> N
         cases.append(("GET", "/api/jobs/none/events", None, {"Last-Event-ID": event_id}))
     for method in ("PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "FOO"):
         cases.append((method, rng.choice(["/api/jobs", "/health", "/v1/images/generations"]), None, {}))
-    for path in ("/api/images/../../etc/passwd", "/api/images/%2e%2e/%2e%2e/x.png", "/api/images/x/-1.png",
-                 "/api/images/x/99999999999999999999.png", "/api/jobs/" + "a" * 6000, "/api/jobs/%00",
-                 "/api/jobs/%ff%fe", "//health", "/v1/models/../../", "/api/images/x/1.png?index=../../x"):
+    for path in (
+        "/api/images/../../etc/passwd",
+        "/api/images/%2e%2e/%2e%2e/x.png",
+        "/api/images/x/-1.png",
+        "/api/images/x/99999999999999999999.png",
+        "/api/jobs/" + "a" * 6000,
+        "/api/jobs/%00",
+        "/api/jobs/%ff%fe",
+        "//health",
+        "/v1/models/../../",
+        "/api/images/x/1.png?index=../../x",
+    ):
         cases.append(("GET", path, None, {}))  # fmt: skip
     for _ in range(30):  # a header that is a few random bytes
         name = "X-" + "".join(rng.choice("abcdefgh-_") for _ in range(rng.randrange(1, 20)))
@@ -331,25 +341,39 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
 
 
+def run_worker(args: list[str], cases: list, cwd: Path, timeout: float) -> list[dict]:
+    """Run `python -c WORKER args…` offline, under the memory limit, with stdin closed; its results,
+    one per case, or a failure naming the case it was on when the time ran out."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-c", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        preexec_fn=_limit_memory,
+        cwd=cwd,
+    )
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+        started = [json.loads(line[5:])["case"] for line in lines(out) if '"start"' in line]
+        pytest.fail(f"case {cases[started[-1]][0]!r} did not end in {timeout} s")
+    results = [json.loads(line[5:]) for line in lines(out) if '"start"' not in line]
+    assert proc.returncode == 0 and len(results) == len(cases), out[-2000:]
+    return results
+
+
 def test_generated_corrupt_model_folders(tiny_folder: Path, tmp_path: Path) -> None:
     cases = folder_cases(tiny_folder, random.Random(5), 120)
     encoded = [(label, name, c.hex() if isinstance(c, bytes) else c, isinstance(c, bytes)) for label, name, c in cases]
     (tmp_path / "cases.json").write_text(json.dumps(encoded))
     work = tmp_path / "folders"
     work.mkdir()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    cmd = [sys.executable, "-c", WORKER, str(tiny_folder), str(work), str(tmp_path / "cases.json")]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=env,
-                            preexec_fn=_limit_memory, cwd=tmp_path)  # fmt: skip
-    try:
-        out, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-        started = [json.loads(line[5:])["case"] for line in lines(out) if '"start"' in line]
-        pytest.fail(f"the load of case {cases[started[-1]][0]!r} did not end in 240 s")
-    results = [json.loads(line[5:]) for line in lines(out) if '"start"' not in line]
-    assert proc.returncode == 0 and len(results) == len(cases), out[-2000:]
+    results = run_worker([WORKER, str(tiny_folder), str(work), str(tmp_path / "cases.json")], cases, tmp_path, 240)
     failures = []
     for result in results:
         label, name, _ = cases[result["case"]]
@@ -365,6 +389,115 @@ def test_generated_corrupt_model_folders(tiny_folder: Path, tmp_path: Path) -> N
     assert not failures, f"{len(failures)} of {len(cases)} cases:\n" + "\n".join(failures)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cases.json", "folders"]  # nothing written beside
     assert not any(work.iterdir())
+
+
+# -- the command line: bad flags, odd files, odd PNG metadata, in one worker process -----------------
+
+CLI_WORKER = r"""
+import contextlib, io, json, sys, time
+from pathlib import Path
+from wuerstchen.cli import main
+for i, argv in enumerate(json.loads(Path(sys.argv[1]).read_text())):
+    print("FUZZ", json.dumps({"case": i, "start": True}), flush=True)
+    err, start = io.StringIO(), time.monotonic()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+        except BaseException as e:
+            import traceback
+            code, err = None, io.StringIO(traceback.format_exc(limit=-3))
+    print("FUZZ", json.dumps({"case": i, "code": code, "stderr": err.getvalue()[-20000:],
+                              "seconds": time.monotonic() - start}), flush=True)
+"""
+
+INT_FLAGS = ["--height", "--width", "-n", "--seed", "--prior-steps", "--decoder-steps"]
+FLOAT_FLAGS = ["--prior-shift", "--prior-guidance", "--decoder-guidance", "--strength", "--decoder-strength"]
+ODD_ARGS = ["", "abc", "-1", "0", "1e9", "nan", "inf", "-inf", "9" * 40, "0x10", "\u0661", "1_0", " 7 ", "-", "--",
+            "1" * 5000, "\ud800", "a\x00b", "--width"]  # fmt: skip
+
+
+def cli_cases(tmp: Path, source_png: Path, model: Path, rng: random.Random) -> list[tuple[str, list[str]]]:
+    """(case name, argv): a fast valid command (128 px, one step each) with one thing made odd."""
+    out = tmp / "out"
+    base = ["generate", "a", "--model", str(model), "--prior-steps", "1", "--decoder-steps", "1", "--width", "128",
+            "--height", "128", "--seed", "1", "--output-dir", str(out), "--quiet"]  # fmt: skip
+    cases = []
+    for flag in INT_FLAGS + FLOAT_FLAGS + ["--sampler", "--pattern", "--prompt-file", "--image", "--mask",
+                                           "--variations", "--from-png", "--model", "--negative-prompt"]:  # fmt: skip
+        for value in rng.sample(ODD_ARGS, 4):
+            cases.append((f"{flag} {value[:30]!r}", base + [flag, value]))
+    for pattern in ("../{seed}.png", str(tmp / "abs.png"), "{prompt.__class__}", "{0}", "{nope}", "{seed!r:>99999}",
+                    "a/b/{index}.png", "x" * 300 + ".png", "{index:%}", ".png", "/", "{index}.gif"):  # fmt: skip
+        cases.append((f"--pattern {pattern[:40]!r}", base + ["--pattern", pattern]))
+    files = tmp / "files"
+    files.mkdir()
+    (files / "latin1.txt").write_bytes(b"caf\xe9\n")
+    (files / "big.txt").write_bytes(b"a" * (17 << 20))  # over the 16 MiB a prompt file may be
+    (files / "text.png").write_text("not a picture")
+    (files / "cut.png").write_bytes(source_png.read_bytes()[:200])
+    (files / "huge.png").write_bytes(
+        b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x01\x00\x00\x00\x01\x00\x00\x08\x02\x00\x00\x00" + b"\x00" * 64
+    )  # a header of 65536² pixels, no data
+    os.mkfifo(files / "fifo")
+    odd_files = ["/dev/zero", "/dev/null", str(files), str(files / "fifo"), str(files / "missing.png"),
+                 *(str(p) for p in sorted(files.iterdir()) if p.name != "fifo")]  # fmt: skip
+    for flag in ("--prompt-file", "--image", "--variations", "--from-png"):
+        for path in odd_files:
+            cases.append((f"{flag} {path}", base + [flag, path]))
+    cases.append(("--mask without --image", base + ["--mask", str(source_png)]))
+    cases.append(("--mask of another size", base + ["--image", str(source_png), "--mask", str(files / "huge.png")]))
+    for model_arg in ("", ".", "/", "/dev/null", "../..", "org/name", "http://127.0.0.1:1/x", "a" * 5000,
+                      str(model / "vqgan"), str(model / "model_index.json")):  # fmt: skip
+        cases.append((f"--model {model_arg[:40]!r}", base + ["--model", model_arg]))
+    with Image.open(source_png) as im:
+        image, saved = im.copy(), json.loads(im.text["wuerstchen"])
+    metadata: list[tuple[str, str]] = [("not json", "{"), ("list", "[]"), ("deep", "[" * 100_000), ("null", "null"),
+                                       ("NaN", json.dumps(saved).replace("}", ', "x": NaN}'))]  # fmt: skip
+    for _ in range(40):
+        key = rng.choice(list(saved))
+        value = rng.choice(ODD_VALUES + [{"$ref": "/etc/passwd"}, "/etc/passwd", "org/name"])
+        metadata.append((f"{key}={str(value)[:30]}", json.dumps(saved | {key: value})))
+    for key in rng.sample(list(saved), 5):
+        metadata.append((f"no {key}", json.dumps({k: v for k, v in saved.items() if k != key})))
+    for i, (label, text) in enumerate(metadata):
+        info = PngInfo()
+        info.add_text("wuerstchen", text)
+        path = files / f"meta-{i}.png"
+        image.save(path, pnginfo=info)
+        cases.append((f"--from-png metadata {label}", ["generate", "--from-png", str(path), "--model", str(model),
+                                                       "--output-dir", str(out), "--quiet"]))  # fmt: skip
+    return cases
+
+
+def test_generated_command_lines(tiny_folder: Path, tmp_path: Path) -> None:
+    """Every case ends with exit 0, or exit 2 and one `wuerstchen …: error:` line last on stderr,
+    within 60 s; only PNGs appear, and only in --output-dir."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    src = tmp_path / "src"
+    cmd = [sys.executable, "-m", "wuerstchen", "generate", "a", "--model", str(tiny_folder), "--prior-steps", "1",
+           "--decoder-steps", "1", "--seed", "3", "--output-dir", str(src), "--quiet"]  # fmt: skip
+    subprocess.run(cmd, check=True, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=180)
+    (source_png,) = src.iterdir()
+    cases = cli_cases(tmp_path, source_png, tiny_folder, random.Random(8))
+    (tmp_path / "argv.json").write_text(json.dumps([argv for _, argv in cases]))
+    before = sorted(p.name for p in tmp_path.iterdir())
+    results = run_worker([CLI_WORKER, str(tmp_path / "argv.json")], cases, tmp_path, 240)
+    failures = []
+    for result in results:
+        label = cases[result["case"]][0]
+        last = (result["stderr"].strip().splitlines() or [""])[-1]
+        if result["code"] not in (0, 2) or "Traceback" in result["stderr"]:
+            failures.append(f"{label}: exit {result['code']}\n{result['stderr'][-1500:]}")
+        elif result["code"] == 2 and not (last.startswith("wuerstchen") and ": error: " in last):
+            failures.append(f"{label}: the last line is not one error: {last[:300]!r}")
+        elif result["seconds"] >= 60:
+            failures.append(f"{label}: {result['seconds']:.0f} s")
+    assert not failures, f"{len(failures)} of {len(cases)} cases:\n" + "\n".join(failures)
+    assert {p.name for p in tmp_path.iterdir()} <= {*before, "out"}  # nothing written beside --output-dir
+    written = [p for p in (tmp_path / "out").rglob("*") if p.is_file()]
+    assert all(p.suffix == ".png" for p in written), written
 
 
 if __name__ == "__main__":  # pragma: no cover

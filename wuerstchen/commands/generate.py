@@ -21,6 +21,7 @@ import argparse
 import math
 import random
 import re
+import string
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompts)
     if args.prompt_file:
-        lines = Path(args.prompt_file).read_text(encoding="utf-8").splitlines()
+        from ..io.files import read_file
+
+        try:
+            text = read_file(args.prompt_file, MAX_PROMPT_FILE, "prompt file").decode("utf-8")
+        except UnicodeDecodeError:
+            raise UserError(f"{args.prompt_file}: not UTF-8 text; save the prompt file as UTF-8") from None
+        lines = text.splitlines()
         prompts += [line.strip() for line in lines if line.strip()]
     if not prompts and args.variations:
         return [""]
@@ -127,6 +134,8 @@ def _check_memory(pipe, height: int, width: int) -> None:
 
 MAX_SIDE, MAX_STEPS, MAX_GUIDANCE = 8192, 1000, 100.0  # beyond these a job is a mistake, not a wish
 MAX_INPUT_PIXELS = 4096 * 4096  # an --image/--mask/--variations file
+MAX_INPUT_BYTES = 256 << 20  # the same file: 4096² RGBA uncompressed is 64 MiB, a PNG far less
+MAX_PROMPT_FILE = 16 << 20  # a --prompt-file: ~100,000 prompts
 JOB_FIELDS = ("prompt", "negative_prompt", "height", "width", "seed", "prior_timesteps", "prior_steps", "prior_shift",
               "prior_guidance", "decoder_steps", "decoder_guidance", "sampler", "image", "mask", "strength",
               "decoder_strength", "variations")  # fmt: skip
@@ -187,6 +196,7 @@ def _check_job(job: Any, source: str) -> dict:
 def _inputs(args: argparse.Namespace) -> dict[str, Any]:
     """The --image/--mask/--variations files, read and checked before the model loads."""
     from ..image_inputs import open_image
+    from ..io.files import read_file
 
     if args.variations and (args.image or args.mask):
         raise UserError("--variations takes its image itself: drop --image/--mask (or drop --variations)")
@@ -198,10 +208,7 @@ def _inputs(args: argparse.Namespace) -> dict[str, Any]:
     out = {}
     for name, path in (("image", args.image or args.variations), ("mask", args.mask)):
         if path:
-            try:
-                data = Path(path).read_bytes()
-            except OSError as e:
-                raise UserError(f"cannot read {path}: {e.strerror}") from None
+            data = read_file(path, MAX_INPUT_BYTES, "image")
             out[name] = open_image(data, str(path), MAX_INPUT_PIXELS)
     return out
 
@@ -226,6 +233,13 @@ def _paths(args: argparse.Namespace, jobs: list[dict], out_dir: Path) -> list[Pa
     from ..io.png import next_index
 
     first = next_index(out_dir)
+    try:
+        fields = {field for _, field, _, _ in string.Formatter().parse(args.pattern) if field is not None}
+    except ValueError as e:
+        raise UserError(f"--pattern {args.pattern!r}: {e}; use the fields {{index}}, {{seed}}, {{prompt}}") from None
+    if not fields <= {"index", "seed", "prompt"}:  # no positional fields, attributes or items
+        odd = ", ".join(sorted(f"{{{f}}}" for f in fields - {"index", "seed", "prompt"}))
+        raise UserError(f"--pattern {args.pattern!r}: {odd} is not a field; use {{index}}, {{seed}}, {{prompt}}")
     paths = []
     for i, job in enumerate(jobs):
         try:
@@ -235,7 +249,7 @@ def _paths(args: argparse.Namespace, jobs: list[dict], out_dir: Path) -> list[Pa
                 f"--pattern {args.pattern!r}: {e!r}; use the fields {{index}}, {{seed}}, {{prompt}}"
             ) from None
         path = out_dir / name
-        if path.parent != out_dir or not path.name.endswith(".png"):
+        if path.parent != out_dir or path.suffix != ".png":
             raise UserError(f"--pattern {args.pattern!r} must name a .png file inside --output-dir")
         if path.exists() or path in paths:
             raise UserError(f"{path} exists: put {{index}} in --pattern (numbers continue after the folder's highest)")

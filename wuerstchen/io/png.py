@@ -6,6 +6,7 @@ show) and `wuerstchen` as JSON (what `wuerstchen generate --from-png` reads back
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import unicodedata
@@ -17,6 +18,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from ..errors import UserError
 from .checkpoint import atomic_path
+from .files import read_file
 
 METADATA_KEY = "wuerstchen"
 
@@ -24,12 +26,23 @@ METADATA_KEY = "wuerstchen"
 _NUMBERED = re.compile(r"^(\d+)\D")
 
 
+MAX_PNG_BYTES = 256 << 20
+
+
 def read_png_parameters(path: str | Path) -> dict[str, Any]:
-    with Image.open(path) as im:
-        text = getattr(im, "text", {}) or {}
+    """The `wuerstchen` JSON chunk of a PNG, parsed (its fields are checked by the caller)."""
+    data = read_file(path, MAX_PNG_BYTES, "PNG")
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            text = getattr(im, "text", {}) or {}
+    except Exception as e:  # PIL raises several kinds for what is not an image
+        raise UserError(f"{path} is not a PNG PIL can read ({type(e).__name__})") from None
     if METADATA_KEY not in text:
         raise UserError(f"{path} carries no wuerstchen parameters (was it written by `wuerstchen generate`?)")
-    return json.loads(text[METADATA_KEY])
+    try:
+        return json.loads(text[METADATA_KEY])
+    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        raise UserError(f"{path}: its wuerstchen parameters are not valid JSON ({type(e).__name__})") from None
 
 
 def _one_line(text: str) -> str:
