@@ -124,19 +124,21 @@ def test_stable_cascade_variations_use_the_image_embeddings():
 def test_bad_image_inputs_are_one_line_errors():
     pipe = random_pipeline(semantic=True)
     image = Image.new("RGB", (128, 128), "red")
-    cases = {
-        "mask is 64×64 px but the image is 128×128": dict(image=image, mask_image=Image.new("L", (64, 64))),
-        "strength` must be a number in [0, 1]": dict(image=image, strength=1.5),
-        "need an `image`": dict(mask_image=Image.new("L", (128, 128))),
-        "transparent pixels": dict(image=image, mask_image=Image.new("RGBA", (128, 128), (255, 255, 255, 0))),
-        "different sizes": dict(image=[image, Image.new("RGB", (64, 64))]),
-        "must be a PIL image": dict(image="in.png"),
-        "values outside [0, 1]": dict(image=torch.full((3, 128, 128), 2.0)),
-    }
-    for message, kwargs in cases.items():
+    cases = {  # message: (arguments, the argument at fault, which the HTTP API answers as `param`)
+        "mask is 64×64 px but the image is 128×128": (dict(image=image, mask_image=Image.new("L", (64, 64))),
+                                                      "mask_image"),
+        "strength` must be a number in [0, 1]": (dict(image=image, strength=1.5), "strength"),
+        "need an `image`": (dict(mask_image=Image.new("L", (128, 128))), "image"),
+        "transparent pixels": (dict(image=image, mask_image=Image.new("RGBA", (128, 128), (255, 255, 255, 0))),
+                               "mask_image"),
+        "different sizes": (dict(image=[image, Image.new("RGB", (64, 64))]), "image"),
+        "must be a PIL image": (dict(image="in.png"), "image"),
+        "values outside [0, 1]": (dict(image=torch.full((3, 128, 128), 2.0)), "image"),
+    }  # fmt: skip
+    for message, (kwargs, param) in cases.items():
         with pytest.raises(UserError, match=message.replace("[", r"\[").replace("]", r"\]")) as err:
             pipe("a", prior_num_inference_steps=1, num_inference_steps=1, **kwargs)
-        assert "\n" not in str(err.value)
+        assert "\n" not in str(err.value) and err.value.param == param, (message, err.value.param)
     no_compressor = random_pipeline()
     with pytest.raises(UserError, match="no semantic compressor"):
         no_compressor("a", image=image, prior_num_inference_steps=1, num_inference_steps=1)

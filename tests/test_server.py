@@ -246,6 +246,10 @@ def test_malformed_uploads_get_a_4xx_and_the_server_keeps_serving(server: str) -
     conn.close()
     got, answer = call(server + "/api/jobs", {"prompt": "a", "image": "%%%"})
     assert got == 400 and "not base64" in answer["error"]["message"]
+    b64 = {k: base64.b64encode(png_bytes(Image.new(mode, size))).decode()
+           for k, mode, size in (("image", "RGB", (128, 128)), ("mask", "L", (64, 64)))}  # fmt: skip
+    got, answer = call(server + "/api/jobs", {"prompt": "a", **b64})  # the library's own check names the mask
+    assert got == 400 and "mask is 64×64" in answer["error"]["message"] and answer["error"]["param"] == "mask"
     assert call(server + "/health")[0] == 200
 
 

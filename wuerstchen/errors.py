@@ -6,4 +6,10 @@ keeps its traceback, so a real bug is never mistaken for a typo.
 
 
 class UserError(ValueError):
-    """A mistake in what the user asked for (a value out of range, a missing file): one line, exit 2."""
+    """A mistake in what the user asked for (a value out of range, a missing file): one line, exit 2.
+
+    `param`: the argument at fault where one is (the HTTP API answers it as OpenAI's `param`)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param

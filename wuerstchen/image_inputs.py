@@ -98,7 +98,7 @@ class ImageSource:
 def check_strength(value: float | None, name: str, default: float) -> float:
     value = default if value is None else value
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= 1:
-        raise UserError(f"`{name}` must be a number in [0, 1] (1 = ignore the image, 0 = keep it), got {value!r}")
+        raise UserError(f"`{name}` must be a number in [0, 1] (1 = ignore the image, 0 = keep it), got {value!r}", name)
     return float(value)
 
 
@@ -109,14 +109,14 @@ def prepare(
     """Check and resize the call's image inputs; returns the source and the generation's size."""
     if image is None:
         if mask_image is not None or strength is not None or decoder_strength is not None:
-            raise UserError("`mask_image`, `strength` and `decoder_strength` need an `image` to start from")
+            raise UserError("`mask_image`, `strength` and `decoder_strength` need an `image` to start from", "image")
         return None, height, width
     images = list(image) if isinstance(image, list | tuple) else [image]
     if not images:
-        raise UserError("`image` is an empty list: give at least one image")
+        raise UserError("`image` is an empty list: give at least one image", "image")
     sizes = {_size_of(im, "image") for im in images}
     if len(sizes) > 1:
-        raise UserError(f"the images have different sizes {sorted(sizes)}: give images of one size")
+        raise UserError(f"the images have different sizes {sorted(sizes)}: give images of one size", "image")
     (size,) = sizes
     height, width = pipe.check_size(height or size[0], width or size[1])
     pixels = torch.cat([_pixels(im, (height, width)) for im in images])
@@ -124,12 +124,13 @@ def prepare(
     if mask_image is not None:
         masks = list(mask_image) if isinstance(mask_image, list | tuple) else [mask_image]
         if len(masks) not in (1, len(images)):
-            raise UserError(f"got {len(masks)} masks for {len(images)} images: give one, or one per image")
+            message = f"got {len(masks)} masks for {len(images)} images: give one, or one per image"
+            raise UserError(message, "mask_image")
         for m in masks:
             if _size_of(m, "mask_image") != size:
                 got = _size_of(m, "mask_image")
                 raise UserError(f"the mask is {got[1]}×{got[0]} px but the image is {size[1]}×{size[0]}: "
-                                "give a mask of the image's size (white = repaint)")  # fmt: skip
+                                "give a mask of the image's size (white = repaint)", "mask_image")  # fmt: skip
         mask = torch.cat([_mask_pixels(m, (height, width)) for m in masks])
         mask = mask.expand(pixels.shape[0], -1, -1, -1).contiguous() if mask.shape[0] == 1 else mask
     default = 1.0 if mask is not None else 0.6
@@ -171,7 +172,7 @@ def _size_of(image: Any, name: str) -> tuple[int, int]:
     if isinstance(image, Tensor) and image.dim() in (2, 3, 4):
         return tuple(image.shape[-2:])
     raise UserError(f"`{name}` must be a PIL image, a numpy array (H, W, 3) or a tensor (3, H, W), "
-                    f"got {type(image).__name__}")  # fmt: skip
+                    f"got {type(image).__name__}", name)  # fmt: skip
 
 
 def _to_tensor(image: Any, name: str, channels: int) -> Tensor:
@@ -187,9 +188,9 @@ def _to_tensor(image: Any, name: str, channels: int) -> Tensor:
         x = x[None] if x.dim() == 2 else x[0] if x.dim() == 4 else x
     if x.shape[0] != channels:
         want = "RGB (3 channels)" if channels == 3 else "one channel (L: white = repaint)"
-        raise UserError(f"`{name}` has {x.shape[0]} channels: give {want}")
+        raise UserError(f"`{name}` has {x.shape[0]} channels: give {want}", name)
     if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
-        raise UserError(f"`{name}` has values outside [0, 1]: give uint8 pixels or floats in [0, 1]")
+        raise UserError(f"`{name}` has values outside [0, 1]: give uint8 pixels or floats in [0, 1]", name)
     return x[None]
 
 
@@ -218,8 +219,9 @@ def _pixels(image: Any, size: tuple[int, int]) -> Tensor:
 def _mask_pixels(mask: Any, size: tuple[int, int]) -> Tensor:
     if isinstance(mask, Image.Image):
         if "A" in mask.getbands() and mask.getextrema()[-1][0] < 255:
-            raise UserError("the mask has transparent pixels: give an L or RGB mask (white = repaint), or "
-                            "`mask_from_alpha(image)` for OpenAI's convention (transparent = repaint)")  # fmt: skip
+            message = ("the mask has transparent pixels: give an L or RGB mask (white = repaint), or "
+                       "`mask_from_alpha(image)` for OpenAI's convention (transparent = repaint)")  # fmt: skip
+            raise UserError(message, "mask_image")
         mask = mask.convert("L")
     elif isinstance(mask, np.ndarray) and mask.ndim == 3:
         mask = mask[..., 0] if mask.shape[-1] in (1, 3) and (mask == mask[..., :1]).all() else mask
@@ -232,7 +234,9 @@ def mask_from_alpha(image: Image.Image) -> Image.Image:
     """OpenAI's convention → ours: the transparent pixels of an RGBA image (or mask) are the ones
     to repaint. Returns an L mask, white = repaint."""
     if "A" not in image.getbands():
-        raise UserError("the mask has no alpha channel: OpenAI's masks mark the region to edit as transparent")
+        raise UserError(
+            "the mask has no alpha channel: OpenAI's masks mark the region to edit as transparent", "mask_image"
+        )
     return Image.eval(image.getchannel("A"), lambda a: 255 - a)
 
 
@@ -264,13 +268,14 @@ def open_image(data: bytes, name: str, max_pixels: int) -> Image.Image:
         image = Image.open(io.BytesIO(data))
         w, h = image.size
     except Exception as exc:  # PIL raises several kinds for bad data
-        raise UserError(f"`{name}` is not an image PIL can read (PNG, JPEG, WebP): {type(exc).__name__}") from None
+        message = f"`{name}` is not an image PIL can read (PNG, JPEG, WebP): {type(exc).__name__}"
+        raise UserError(message, name) from None
     if w * h > max_pixels:
-        raise UserError(f"`{name}` is {w}×{h} px: at most {max_pixels} pixels are accepted; scale it down")
+        raise UserError(f"`{name}` is {w}×{h} px: at most {max_pixels} pixels are accepted; scale it down", name)
     try:
         image.load()
     except Exception as exc:
-        raise UserError(f"`{name}` is a damaged image: {type(exc).__name__}") from None
+        raise UserError(f"`{name}` is a damaged image: {type(exc).__name__}", name) from None
     return image
 
 

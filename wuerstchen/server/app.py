@@ -251,7 +251,7 @@ def check_params(
                 raise UserError("this model has no semantic compressor: it takes no image to start from")
             prepare(pipe, source, inputs.get("mask"), req.strength, req.decoder_strength, height, width)
         except UserError as e:
-            raise ApiError(400, str(e), "mask" if "mask" in str(e) else "image") from None
+            raise ApiError(400, str(e), {"mask_image": "mask"}.get(e.param, e.param) or "image") from None
     elif variations:
         raise bad("image", "variations need an image")
     params = JobParams(
