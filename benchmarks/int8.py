@@ -3,11 +3,19 @@ the official-size v2 prior in float32 and int8.
 
     python benchmarks/int8.py kernels --threads 2
     python benchmarks/int8.py memory --size 1024 --threads 2     # each mode in a fresh process
+    python benchmarks/int8.py attention --threads 2
 
 `kernels`: achieved GOP/s at the medium config's shapes (M, K, N) of float32 and bfloat16
 `F.linear`, `torch._int_mm` alone, our int8 layer end to end with each kernel (`quant.KERNEL`:
 "int_mm" = per-token quantization, the int8 product, the rescaling as separate ops; "fbgemm" = its
 fused dynamically quantized Linear) and torch.ao's `quantize_dynamic` of the Linear. Best of 7 per shape.
+
+`attention`: the attention products (scores and P·V) at the medium config's shapes, per call: torch's
+fused float32 kernel (what the int8 mode runs), the same as two bfloat16 matmuls with a softmax
+between them (cast from float32 and back, as an int8 pipeline would on a CPU with native bf16), and
+as int8 products per head through `torch._int_mm` (q and k with a scale per row, P with one per
+row, v with one per channel; the scores and probabilities as separate float passes). Prints ms per
+call, GFLOP/s, and each one's mean relative error against float32.
 
 `memory`: the official v2 prior (`STAGE_C_PRESETS["official-v2"]`, ~1B parameters) with random
 weights, built on the meta device and filled in place (int8 modes: int8 layers from the start,
@@ -89,6 +97,54 @@ def kernels() -> None:
         print(f"{m}×{k}×{n}: " + ", ".join(f"{name} {r:.0f}" for name, r in rates.items()) + " GOP/s", flush=True)
 
 
+# (batch·CFG, heads, queries, head dim, keys) of the medium config's attention calls at 512²: the
+# prior (2 × 8 heads, 144 queries, 144 + 77 keys) and the decoder's levels (1024, 256, 64 queries).
+ATTENTION_SHAPES = ((2, 8, 144, 64, 221), (1, 4, 1024, 48, 1101), (1, 8, 256, 48, 333), (1, 8, 64, 48, 141))
+
+
+def _rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = x.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
+    return torch.div(x, scale).round_().to(torch.int8), scale
+
+
+def _int8_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    qi, sq = _rows_int8(q * q.shape[-1] ** -0.5)
+    ki, sk = _rows_int8(k)
+    vi, sv = _rows_int8(v.transpose(-1, -2))  # a scale per channel of v
+    kt, vk = ki.transpose(-1, -2).contiguous(), vi.transpose(-1, -2).contiguous()
+    out = torch.empty_like(q)
+    for b in range(q.shape[0]):
+        for h in range(q.shape[1]):
+            scores = torch._int_mm(qi[b, h], kt[b, h]).float().mul_(sq[b, h]).mul_(sk[b, h].view(1, -1))
+            p = torch.softmax(scores, -1)
+            pi, sp = _rows_int8(p)
+            out[b, h] = torch._int_mm(pi, vk[b, h]).float().mul_(sp).mul_(sv[b, h].view(1, -1))
+    return out
+
+
+def attention() -> None:
+    from wuerstchen.bench import print_machine
+
+    print_machine(torch.get_num_threads())
+    g = torch.Generator().manual_seed(0)
+
+    def bf16_matmuls(q, k, v):
+        q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
+        return torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), -1).matmul(v).float()
+
+    for b, h, n, d, m in ATTENTION_SHAPES:
+        q, k, v = (torch.randn(b, h, rows, d, generator=g) for rows in (n, m, m))
+        ref = F.scaled_dot_product_attention(q, k, v)
+        kinds = {"fp32 fused": F.scaled_dot_product_attention, "bf16 matmuls": bf16_matmuls,
+                 "int8 _int_mm": _int8_attention}  # fmt: skip
+        flops, parts = 4 * b * h * n * m * d, []
+        for name, fn in kinds.items():
+            seconds = _best(lambda fn=fn, q=q, k=k, v=v: fn(q, k, v))
+            error = ((fn(q, k, v) - ref).abs().mean() / ref.abs().mean()).item()
+            parts.append(f"{name} {seconds * 1e3:.2f} ms ({flops / seconds / 1e9:.0f} GFLOP/s, {error:.2%})")
+        print(f"{b}×{h} heads, {n} queries × {m} keys, d {d}: " + ", ".join(parts), flush=True)
+
+
 def _rss_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) for line in f if line.startswith(field))
@@ -143,7 +199,7 @@ def memory(size: int, threads: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("kernels", "memory", "memory-child"))
+    p.add_argument("what", choices=("kernels", "attention", "memory", "memory-child"))
     p.add_argument("mode", nargs="?", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--threads", type=int, default=2)
@@ -151,6 +207,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.what == "kernels":
         kernels()
+    elif args.what == "attention":
+        attention()
     elif args.what == "memory":
         memory(args.size, args.threads)
     else:
