@@ -16,7 +16,8 @@ native dot-product instructions, so bounds on bfloat16 results are stated in uni
 from that precision, not from what one CPU happens to give.
 
 To see how a bound fares on other CPUs without one: ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI (oneDNN
-emulates bfloat16, as on an Intel Xeon without it), MKL_ENABLE_INSTRUCTIONS=AVX2 with
+emulates bfloat16, as on an Intel Xeon without it; with PYTHONPATH=$PWD/scripts/no_bf16 the
+package also sees no bf16 flag, so `auto` picks float32 as there), MKL_ENABLE_INSTRUCTIONS=AVX2 with
 ONEDNN_MAX_CPU_ISA=AVX2 and ATEN_CPU_CAPABILITY=avx2 (an AVX2 CPU), MKL_CBWR=COMPATIBLE (MKL's
 portable code path).
 """
