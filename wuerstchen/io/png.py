@@ -21,12 +21,10 @@ from .checkpoint import atomic_path
 from .files import read_file
 
 METADATA_KEY = "wuerstchen"
+MAX_PNG_BYTES = 256 << 20  # a --from-png file, as an --image file may be
 
 # A1111's numbering: a file whose name starts with digits and a separator ("00012-7.png").
 _NUMBERED = re.compile(r"^(\d+)\D")
-
-
-MAX_PNG_BYTES = 256 << 20
 
 
 def read_png_parameters(path: str | Path) -> dict[str, Any]:
@@ -35,6 +33,8 @@ def read_png_parameters(path: str | Path) -> dict[str, Any]:
     try:
         with Image.open(io.BytesIO(data)) as im:
             text = getattr(im, "text", {}) or {}
+    except MemoryError:
+        raise
     except Exception as e:  # PIL raises several kinds for what is not an image
         raise UserError(f"{path} is not a PNG PIL can read ({type(e).__name__})") from None
     if METADATA_KEY not in text:
