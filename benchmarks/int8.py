@@ -8,7 +8,9 @@ the official-size v2 prior in float32 and int8.
 `kernels`: achieved GOP/s at the medium config's shapes (M, K, N) of float32 and bfloat16
 `F.linear`, `torch._int_mm` alone, our int8 layer end to end with each kernel (`quant.KERNEL`:
 "int_mm" = per-token quantization, the int8 product, the rescaling as separate ops; "fbgemm" = its
-fused dynamically quantized Linear) and torch.ao's `quantize_dynamic` of the Linear. Best of 7 per shape.
+fused dynamically quantized Linear), torch.ao's `quantize_dynamic` of the Linear, and oneDNN's int8
+Linear (`torch.ops.onednn.qlinear_pointwise`) without and with its fused GELU (against fbgemm +
+`F.gelu`). Best of 7 per shape.
 
 `attention`: the attention products (scores and P·V) at the medium config's shapes, per call: torch's
 fused float32 kernel (what the int8 mode runs), the same as two bfloat16 matmuls with a softmax
@@ -63,6 +65,26 @@ def _with_kernel(kernel: str, layer, x):
         quant.KERNEL = saved
 
 
+def _onednn_linear(layer, m: int):
+    """oneDNN's int8 Linear (`torch.ops.onednn.qlinear_pointwise`, the op inductor's x86 quantization
+    emits) on `layer`'s int8 weights, with the activations quantized per tensor to uint8 in torch
+    (its int8 activations take a reference path: seconds a call) and an optional post-op ("gelu")."""
+    packed = torch.ops.onednn.qlinear_prepack(layer.qweight.t().contiguous(), [m, layer.in_features])
+    zeros = torch.zeros(layer.out_features, dtype=torch.long)
+
+    def run(x: torch.Tensor, post: str = "none") -> torch.Tensor:
+        lo, hi = torch.aminmax(x)
+        scale = ((hi.clamp(min=0) - lo.clamp(max=0)) / 255).clamp_min(1e-12)
+        zero = (-lo.clamp(max=0) / scale).round().to(torch.int32)
+        qx = torch.div(x, scale).round_().add_(zero).clamp_(0, 255).to(torch.uint8)
+        op = torch.ops.onednn.qlinear_pointwise.tensor
+        return op(
+            qx, scale, zero, packed, layer.weight_scale, zeros, layer.bias, 1.0, 0, torch.float32, post, [], "none"
+        )
+
+    return run
+
+
 def _rates(m: int, k: int, n: int, g: torch.Generator) -> dict[str, float]:
     """GOP/s of each way to multiply (m, k) activations by a (k → n) Linear layer."""
     from wuerstchen.quant import Int8Linear
@@ -82,7 +104,14 @@ def _rates(m: int, k: int, n: int, g: torch.Generator) -> dict[str, float]:
         "Int8Linear int_mm (end to end)": lambda: _with_kernel("int_mm", layer, x),
         "Int8Linear fbgemm (end to end)": lambda: _with_kernel("fbgemm", layer, x),
         "torch.ao quantize_dynamic Linear": lambda: fbgemm(x),
+        "Int8Linear fbgemm + F.gelu": lambda: F.gelu(_with_kernel("fbgemm", layer, x)),
     }
+    if hasattr(torch.ops.onednn, "qlinear_pointwise"):
+        onednn = _onednn_linear(layer, m)
+        rows |= {
+            "onednn qlinear (end to end)": lambda: onednn(x),
+            "onednn qlinear + gelu post-op": lambda: onednn(x, "gelu"),
+        }
     with torch.no_grad():
         return {name: 2 * m * k * n / _best(fn) / 1e9 for name, fn in rows.items()}
 
