@@ -160,3 +160,43 @@ def test_cpu_bfloat16_attention_matches_sdpa(queries):
     # q, k, v and the output rounded to bfloat16 (½ BF16_EPS each), probabilities maybe too: a few
     # BF16_EPS of the max; measured 1.9 BF16_EPS (7.3e-3), the same with emulated bfloat16.
     assert rel_err(out, ref) <= 6 * BF16_EPS
+
+
+@pytest.mark.parametrize("queries", [50, 200, 2000])
+def test_float32_attention_in_bfloat16_only_where_asked(queries):
+    """Inside `inference_kernels(bf16_attention=True)` float32 attention with 128–1024 queries runs
+    as bfloat16 matmuls (float32 out); otherwise, and for other query counts, it is torch's fused
+    float32 kernel exactly."""
+    import torch.nn.functional as F
+
+    from wuerstchen.models.blocks import BF16_ATTENTION_QUERIES, attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, n, 16) for n in (queries, 70, 70))
+    ref = F.scaled_dot_product_attention(q, k, v)
+    with torch.no_grad():
+        with inference_kernels():
+            assert torch.equal(attention(q, k, v), ref)
+        with inference_kernels(bf16_attention=True):
+            out = attention(q, k, v)
+    assert out.dtype == torch.float32 and out.shape == ref.shape
+    lo, hi = BF16_ATTENTION_QUERIES
+    if lo <= queries <= hi:
+        # As the bfloat16 case above (q, k, v, scores and probabilities rounded): measured 1.9 BF16_EPS.
+        assert 0 < rel_err(out, ref) <= 6 * BF16_EPS
+    else:
+        assert torch.equal(out, ref)
+
+
+def test_only_the_int8_pipeline_on_a_bf16_cpu_asks_for_bf16_attention(monkeypatch):
+    from wuerstchen import placement
+    from wuerstchen.models import kernels
+
+    seen = []
+    model = torch.nn.Linear(2, 2)
+    for quantization, native in ((None, True), ("int8-weights", True), ("int8", False), ("int8", True)):
+        monkeypatch.setattr(placement, "cpu_has_native_bf16", lambda native=native: native)
+        model.quantization = quantization
+        with torch.no_grad(), placement.Placement().placed("prior", model):
+            seen.append(kernels.bf16_attention())
+    assert seen == [False, False, False, True]

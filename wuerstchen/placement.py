@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .hardware import check_dtype
+from .hardware import check_dtype, cpu_has_native_bf16
 from .models.kernels import inference_kernels
 from .models.onednn import packed_linears
 
@@ -74,7 +74,9 @@ class Placement:
         # A quantized model (wuerstchen.quant) is not packed: its float Linears run once per generation,
         # and a packed copy of them would only add to the memory that quantizing saves.
         packed = packed and name not in self.compiled and not getattr(module, "quantization", None)
-        with packed_linears(packed), inference_kernels():
+        # The int8 pipeline (on the CPU) computes its float attention in bfloat16 where the CPU has it.
+        bf16_attention = getattr(module, "quantization", None) == "int8" and cpu_has_native_bf16()
+        with packed_linears(packed), inference_kernels(bf16_attention=bf16_attention):
             with self._offloaded(module):
                 yield self.compiled.get(name, module)
 

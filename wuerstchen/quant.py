@@ -29,7 +29,11 @@ Kept in float: every convolution (the first and last layers of each model, the 1
 run once per generation) and the attention's own QKᵀ and PV products; in "int8" also the timestep
 mappers (a row per image), the text and semantic condition mappers and the K/V mappers of the text
 (once per generation: they cost nothing), which "int8-weights" stores in int8 too (for memory).
-Quantized models are not packed for oneDNN (`Placement.placed`): no float copy of any weight.
+Quantized models are not packed for oneDNN (`Placement.placed`): no float copy of any weight. On a
+CPU with native bf16 "int8" computes the attention products of 128–1024 queries as bfloat16
+matmuls (`kernels.inference_kernels(bf16_attention=True)`, `blocks.BF16_ATTENTION_QUERIES`):
+per-head int8 products through `torch._int_mm` were slower than torch's fused float32 kernel at
+every medium shape, bfloat16 ones 1.3–1.5× faster (`python benchmarks/int8.py attention`).
 
 Saved format (`save_pretrained` of a quantized pipeline): the same safetensors file per model,
 each quantized Linear `…name.weight` replaced by `…name.qweight` (int8, shape (in, out): the

@@ -179,6 +179,11 @@ class TimestepBlock(nn.Module):
 
 # Queries up to which `attention` multiplies out the scores in bfloat16 on a CPU (see there).
 MATMUL_ATTENTION_MAX_QUERIES = 512
+# Queries for which float32 attention runs as bfloat16 matmuls inside `bf16_attention` (the int8
+# pipeline on a CPU with native bf16). Against torch's fused float32 kernel on a 2-core Zen 4
+# (`python benchmarks/int8.py attention`): 1.5× at 144 queries, 1.3× at 256 and 1024, slower at 64;
+# the scores of 1024 queries × ~1100 keys × 4 heads are 9 MB in bfloat16, so not beyond.
+BF16_ATTENTION_QUERIES = (128, 1024)
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
@@ -189,15 +194,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor
     ~600 queries on the fused kernel is faster. The scores are rounded to bfloat16 before the
     softmax (torch has no CPU matmul with a wider output); `wuerstchen bench` finds the bfloat16
     decoder latents as far from the float32 ones as with the fused kernel (0.47% mean relative
-    error)."""
-    if (
-        q.device.type != "cpu"
-        or q.dtype != torch.bfloat16
-        or q.shape[-2] > MATMUL_ATTENTION_MAX_QUERIES
-        or dropout_p
-        or not kernels.active()
-    ):
+    error). Inside `inference_kernels(bf16_attention=True)` float32 q, k, v with
+    `BF16_ATTENTION_QUERIES` queries are multiplied so too, in bfloat16, and the result returned in
+    float32 (the int8 pipeline on a CPU with native bf16: 0.5% error per call, see there)."""
+    if q.device.type != "cpu" or dropout_p or not kernels.active():
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    if q.dtype == torch.bfloat16 and q.shape[-2] <= MATMUL_ATTENTION_MAX_QUERIES:
+        return _matmul_attention(q, k, v)
+    lo, hi = BF16_ATTENTION_QUERIES
+    if q.dtype == torch.float32 and lo <= q.shape[-2] <= hi and kernels.bf16_attention():
+        return _matmul_attention(q.bfloat16(), k.bfloat16(), v.bfloat16()).float()
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _matmul_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
     return torch.softmax(scores, dim=-1) @ v
 

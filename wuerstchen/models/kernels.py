@@ -6,7 +6,8 @@ path instead, which the tests check against the reference (tests/test_blocks.py)
 
 - `GlobalResponseNorm`: ‖x‖ over H, W as √Σx², and the tail as one pass over x;
 - `attention`: in bfloat16 on a CPU, for few queries, two matmuls and a softmax instead of torch's
-  fused kernel;
+  fused kernel; with `bf16_attention=True` (the int8 pipeline on a CPU with native bf16) float32
+  attention is computed so too, in bfloat16;
 - the VQGAN's `MixingResidualBlock`: the same block in bands of rows, with fewer full-size tensors
   alive (the decoder's peak memory).
 
@@ -29,14 +30,15 @@ _local = threading.local()  # .on: whether the block of this thread is inside in
 
 
 @contextmanager
-def inference_kernels(enabled: bool = True) -> Iterator[None]:
-    """Within the block (this thread, without autograd), the models' fast inference paths run."""
-    previous = getattr(_local, "on", False)
-    _local.on = enabled
+def inference_kernels(enabled: bool = True, bf16_attention: bool = False) -> Iterator[None]:
+    """Within the block (this thread, without autograd), the models' fast inference paths run;
+    `bf16_attention`: float32 attention products in bfloat16 too (see `blocks.attention`)."""
+    previous = getattr(_local, "on", False), getattr(_local, "bf16_attention", False)
+    _local.on, _local.bf16_attention = enabled, enabled and bf16_attention
     try:
         yield
     finally:
-        _local.on = previous
+        _local.on, _local.bf16_attention = previous
 
 
 def active() -> bool:
@@ -44,3 +46,8 @@ def active() -> bool:
     autograd (the fast paths are not differentiable as the reference is: GRN's √Σx² has an infinite
     gradient at an all-zero channel, the banded VQGAN block writes in place)."""
     return getattr(_local, "on", False) and not torch.is_grad_enabled()
+
+
+def bf16_attention() -> bool:
+    """Whether float32 attention may run in bfloat16 now (inside `inference_kernels(bf16_attention=True)`)."""
+    return active() and getattr(_local, "bf16_attention", False)
