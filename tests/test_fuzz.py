@@ -341,17 +341,19 @@ def _limit_memory() -> None:
     resource.setrlimit(resource.RLIMIT_AS, (8 << 30, 8 << 30))
 
 
+OFFLINE = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")  # the workers' environment
+
+
 def run_worker(args: list[str], cases: list, cwd: Path, timeout: float) -> list[dict]:
     """Run `python -c WORKER args…` offline, under the memory limit, with stdin closed; its results,
     one per case, or a failure naming the case it was on when the time ran out."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     proc = subprocess.Popen(
         [sys.executable, "-c", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         stdin=subprocess.DEVNULL,
         text=True,
-        env=env,
+        env=OFFLINE,
         preexec_fn=_limit_memory,
         cwd=cwd,
     )
@@ -474,15 +476,14 @@ def cli_cases(tmp: Path, source_png: Path, model: Path, rng: random.Random) -> l
 def test_generated_command_lines(tiny_folder: Path, tmp_path: Path) -> None:
     """Every case ends with exit 0, or exit 2 and one `wuerstchen …: error:` line last on stderr,
     within 60 s; only PNGs appear, and only in --output-dir."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     src = tmp_path / "src"
     cmd = [sys.executable, "-m", "wuerstchen", "generate", "a", "--model", str(tiny_folder), "--prior-steps", "1",
            "--decoder-steps", "1", "--seed", "3", "--output-dir", str(src), "--quiet"]  # fmt: skip
-    subprocess.run(cmd, check=True, env=env, stdin=subprocess.DEVNULL, capture_output=True, timeout=180)
+    subprocess.run(cmd, check=True, env=OFFLINE, stdin=subprocess.DEVNULL, capture_output=True, timeout=180)
     (source_png,) = src.iterdir()
     cases = cli_cases(tmp_path, source_png, tiny_folder, random.Random(8))
     (tmp_path / "argv.json").write_text(json.dumps([argv for _, argv in cases]))
-    before = sorted(p.name for p in tmp_path.iterdir())
+    before = {p.name for p in tmp_path.iterdir()}
     results = run_worker([CLI_WORKER, str(tmp_path / "argv.json")], cases, tmp_path, 240)
     failures = []
     for result in results:

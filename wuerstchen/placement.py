@@ -73,9 +73,10 @@ class Placement:
         The models' fast inference paths (`kernels`) are on inside it."""
         # A quantized model (wuerstchen.quant) is not packed: its float Linears run once per generation,
         # and a packed copy of them would only add to the memory that quantizing saves.
-        packed = packed and name not in self.compiled and not getattr(module, "quantization", None)
+        quantization = getattr(module, "quantization", None)
+        packed = packed and name not in self.compiled and not quantization
         # The int8 pipeline (on the CPU) computes its float attention in bfloat16 where the CPU has it.
-        bf16_attention = getattr(module, "quantization", None) == "int8" and cpu_has_native_bf16()
+        bf16_attention = quantization == "int8" and cpu_has_native_bf16()
         with packed_linears(packed), inference_kernels(bf16_attention=bf16_attention):
             with self._offloaded(module):
                 yield self.compiled.get(name, module)

@@ -136,6 +136,7 @@ MAX_SIDE, MAX_STEPS, MAX_GUIDANCE = 8192, 1000, 100.0  # beyond these a job is a
 MAX_INPUT_PIXELS = 4096 * 4096  # an --image/--mask/--variations file
 MAX_INPUT_BYTES = 256 << 20  # the same file: 4096² RGBA uncompressed is 64 MiB, a PNG far less
 MAX_PROMPT_FILE = 16 << 20  # a --prompt-file: ~100,000 prompts
+PATTERN_FIELDS = frozenset({"index", "seed", "prompt"})  # what --pattern may name
 JOB_FIELDS = ("prompt", "negative_prompt", "height", "width", "seed", "prior_timesteps", "prior_steps", "prior_shift",
               "prior_guidance", "decoder_steps", "decoder_guidance", "sampler", "image", "mask", "strength",
               "decoder_strength", "variations")  # fmt: skip
@@ -208,7 +209,7 @@ def _inputs(args: argparse.Namespace) -> dict[str, Any]:
     out = {}
     for name, path in (("image", args.image or args.variations), ("mask", args.mask)):
         if path:
-            data = read_file(path, MAX_INPUT_BYTES, "image")
+            data = read_file(path, MAX_INPUT_BYTES, name)
             out[name] = open_image(data, str(path), MAX_INPUT_PIXELS)
     return out
 
@@ -233,21 +234,20 @@ def _paths(args: argparse.Namespace, jobs: list[dict], out_dir: Path) -> list[Pa
     from ..io.png import next_index
 
     first = next_index(out_dir)
+    use = "use the fields {index}, {seed}, {prompt}"
     try:
         fields = {field for _, field, _, _ in string.Formatter().parse(args.pattern) if field is not None}
     except ValueError as e:
-        raise UserError(f"--pattern {args.pattern!r}: {e}; use the fields {{index}}, {{seed}}, {{prompt}}") from None
-    if not fields <= {"index", "seed", "prompt"}:  # no positional fields, attributes or items
-        odd = ", ".join(sorted(f"{{{f}}}" for f in fields - {"index", "seed", "prompt"}))
-        raise UserError(f"--pattern {args.pattern!r}: {odd} is not a field; use {{index}}, {{seed}}, {{prompt}}")
+        raise UserError(f"--pattern {args.pattern!r}: {e}; {use}") from None
+    if odd := fields - PATTERN_FIELDS:  # no positional fields, attributes or items
+        names = ", ".join(sorted(f"{{{f}}}" for f in odd))
+        raise UserError(f"--pattern {args.pattern!r}: {names} is not a field; {use}")
     paths = []
     for i, job in enumerate(jobs):
         try:
             name = args.pattern.format(index=first + i, seed=job["seed"], prompt=_slug(job["prompt"]))
         except (KeyError, IndexError, ValueError) as e:
-            raise UserError(
-                f"--pattern {args.pattern!r}: {e!r}; use the fields {{index}}, {{seed}}, {{prompt}}"
-            ) from None
+            raise UserError(f"--pattern {args.pattern!r}: {e!r}; {use}") from None
         path = out_dir / name
         if path.parent != out_dir or path.suffix != ".png":
             raise UserError(f"--pattern {args.pattern!r} must name a .png file inside --output-dir")
