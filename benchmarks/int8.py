@@ -13,8 +13,9 @@ Linear (`torch.ops.onednn.qlinear_pointwise`) without and with its fused GELU (a
 `F.gelu`). Best of 7 per shape.
 
 `attention`: the attention products (scores and P·V) at the medium config's shapes, per call: torch's
-fused float32 kernel (what the int8 mode runs), the same as two bfloat16 matmuls with a softmax
-between them (cast from float32 and back, as an int8 pipeline would on a CPU with native bf16), and
+fused float32 kernel, the same as two bfloat16 matmuls with a softmax between them (cast from
+float32 and back), those in chunks of 256 queries with q's scale in its cast (`blocks._bf16_attention`,
+what the int8 mode runs on a CPU with native bf16 for 128–4096 queries), and
 as int8 products per head through `torch._int_mm` (q and k with a scale per row, P with one per
 row, v with one per channel; the scores and probabilities as separate float passes). Prints ms per
 call, GFLOP/s, and each one's mean relative error against float32.
@@ -128,7 +129,11 @@ def kernels() -> None:
 
 # (batch·CFG, heads, queries, head dim, keys) of the medium config's attention calls at 512²: the
 # prior (2 × 8 heads, 144 queries, 144 + 77 keys) and the decoder's levels (1024, 256, 64 queries).
-ATTENTION_SHAPES = ((2, 8, 144, 64, 221), (1, 4, 1024, 48, 1101), (1, 8, 256, 48, 333), (1, 8, 64, 48, 141))
+# (batch, heads, queries, d, keys): the medium prior and decoder levels at 512², then at 1024².
+ATTENTION_SHAPES = (
+    (2, 8, 144, 64, 221), (1, 4, 1024, 48, 1101), (1, 8, 256, 48, 333), (1, 8, 64, 48, 141),
+    (2, 8, 576, 64, 653), (1, 4, 4096, 48, 4173), (1, 8, 1024, 48, 1101),
+)  # fmt: skip
 
 
 def _rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,15 +162,19 @@ def attention() -> None:
     print_machine(torch.get_num_threads())
     g = torch.Generator().manual_seed(0)
 
+    from wuerstchen.models.blocks import _bf16_attention
+
     def bf16_matmuls(q, k, v):
         q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
         return torch.softmax((q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2), -1).matmul(v).float()
 
     for b, h, n, d, m in ATTENTION_SHAPES:
-        q, k, v = (torch.randn(b, h, rows, d, generator=g) for rows in (n, m, m))
+        # q as an AttnBlock has it: the heads of a (B, N, C) projection, a strided view.
+        q = torch.randn(b, n, h * d, generator=g).unflatten(-1, (h, d)).transpose(1, 2)
+        k, v = (torch.randn(b, h, m, d, generator=g) for _ in range(2))
         ref = F.scaled_dot_product_attention(q, k, v)
         kinds = {"fp32 fused": F.scaled_dot_product_attention, "bf16 matmuls": bf16_matmuls,
-                 "int8 _int_mm": _int8_attention}  # fmt: skip
+                 "bf16 chunked (ours)": _bf16_attention, "int8 _int_mm": _int8_attention}  # fmt: skip
         flops, parts = 4 * b * h * n * m * d, []
         for name, fn in kinds.items():
             seconds = _best(lambda fn=fn, q=q, k=k, v=v: fn(q, k, v))

@@ -101,6 +101,32 @@ def test_int8_linear_parts_and_casts(kernel: str) -> None:
     assert layer(torch.randn(3, 48, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
+@torch.no_grad()
+def test_fused_int8_projections_are_the_separate_ones(kernel: str) -> None:
+    """`Int8Linear.fused` (an attention's q, k, v in one fbgemm product) gives each layer's own
+    output, follows new weights, and an AttnBlock of int8 layers computes what it computes with
+    one call per projection."""
+    from wuerstchen.models import blocks
+
+    layers = [Int8Linear.from_linear(_linear(64, 64, seed=i), activations=True) for i in range(3)]
+    x = torch.randn(2, 40, 64, generator=torch.Generator().manual_seed(4))
+    for _ in range(2):  # the second time with the first layer's weights changed in place
+        for got, layer in zip(layers[0].fused(x, *layers[1:]), layers, strict=True):
+            # The same quantized input (one scale per call, from the same x) and the same exact int32
+            # sums; only the float32 rescaling can round apart: ≤ a few float32 ulps.
+            assert got.shape == (2, 40, 64) and rel_err(got, layer(x)) <= 1e-6
+        layers[0].qweight.copy_(layers[1].qweight)
+    torch.manual_seed(5)
+    block = blocks.AttnBlock(64, 32, nhead=4).eval()
+    quantize_model(block, "int8")
+    x, kv = torch.randn(2, 64, 6, 6), block.text_kv(torch.randn(2, 7, 32))
+    fused = block(x, kv)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(blocks, "_projections", lambda x, *layers: [layer(x) for layer in layers])
+        separate = block(x, kv)
+    assert rel_err(fused, separate) <= 1e-6  # as above
+
+
 def _generate(pipe: WuerstchenPipeline, size: int) -> torch.Tensor:
     return pipe(["a red circle", "a blue square"], height=size, width=size, seed=0, output_type="pt",
                 prior_num_inference_steps=4, num_inference_steps=4).images  # fmt: skip

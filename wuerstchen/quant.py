@@ -30,10 +30,12 @@ run once per generation) and the attention's own QKᵀ and PV products; in "int8
 mappers (a row per image), the text and semantic condition mappers and the K/V mappers of the text
 (once per generation: they cost nothing), which "int8-weights" stores in int8 too (for memory).
 Quantized models are not packed for oneDNN (`Placement.placed`): no float copy of any weight. On a
-CPU with native bf16 "int8" computes the attention products of 128–1024 queries as bfloat16
+CPU with native bf16 "int8" computes the attention products of 128–4096 queries as bfloat16
 matmuls (`kernels.inference_kernels(bf16_attention=True)`, `blocks.BF16_ATTENTION_QUERIES`):
 per-head int8 products through `torch._int_mm` were slower than torch's fused float32 kernel at
-every medium shape, bfloat16 ones 1.3–1.5× faster (`python benchmarks/int8.py attention`).
+every medium shape, bfloat16 ones (in chunks of 256 queries) 1.3–1.9× faster (`python
+benchmarks/int8.py attention`). An attention's q, k and v projections of the same tokens run as
+one fbgemm product (`Int8Linear.fused`: the input quantized once, the same outputs as three calls).
 
 Saved format (`save_pretrained` of a quantized pipeline): the same safetensors file per model,
 each quantized Linear `…name.weight` replaced by `…name.qweight` (int8, shape (in, out): the
@@ -157,21 +159,28 @@ class Int8Linear(nn.Module):
     def _int8_path(self, x: Tensor) -> bool:
         return self.activations and x.device.type == "cpu" and x.numel() >= MIN_ROWS * x.shape[-1]
 
-    def _packed(self, k: int, bias: bool) -> Any:
-        """fbgemm's packed weight of the input columns [0, k) (with the bias, or without), made at the
-        first call and kept while its tensors are unchanged (a load, a cast or a move makes a new one)."""
-        tensors = (self.qweight, self.weight_scale) + ((self.bias,) if self.bias is not None else ())
-        weights = tuple((t.data_ptr(), t._version) for t in tensors)
+    def _tensors(self) -> tuple[Tensor, ...]:
+        return (self.qweight, self.weight_scale) + ((self.bias,) if self.bias is not None else ())
+
+    def _packed(self, k: int, bias: bool, others: tuple[Int8Linear, ...] = ()) -> Any:
+        """fbgemm's packed weight of the input columns [0, k) (with the bias, or without), side by side
+        with `others`' (same input width, with their biases), made at the first call and kept while
+        the tensors are unchanged (a load, a cast or a move makes a new one)."""
+        weights = tuple((t.data_ptr(), t._version) for t in self._tensors())
         if self.__dict__.get("_packed_from") != weights:  # new or replaced weights: the old packs are stale
             self.__dict__.update(_packed_from=weights, _packs={})
-        cache, key = self.__dict__["_packs"], (k, bias)
+        layers = (self, *others)
+        cache = self.__dict__["_packs"]
+        key = (k, bias, tuple((id(m), tuple((t.data_ptr(), t._version) for t in m._tensors())) for m in others))
         if key not in cache:
-            w = self.qweight[:k].t().contiguous()  # (out, k), the layout the packing reads
-            zero = torch.zeros(self.out_features, dtype=torch.long)
+            w = torch.cat([m.qweight[:k] for m in layers], dim=1).t().contiguous()  # (out, k), the packing's layout
+            scale = torch.cat([m.weight_scale for m in layers]).double()
+            biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in layers]
+            zero = torch.zeros(w.shape[0], dtype=torch.long)
             with warnings.catch_warnings():  # torch's notice that quantized tensors are deprecated
                 warnings.simplefilter("ignore")
-                qw = torch._make_per_channel_quantized_tensor(w, self.weight_scale.double(), zero, 0)
-                cache[key] = torch.ops.quantized.linear_prepack(qw, self.bias.float() if bias else None)
+                qw = torch._make_per_channel_quantized_tensor(w, scale, zero, 0)
+                cache[key] = torch.ops.quantized.linear_prepack(qw, torch.cat(biases).float() if bias else None)
         return cache[key]
 
     def _product(self, x: Tensor, other: Tensor | None) -> Tensor:
@@ -195,6 +204,19 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self._product(x, None)
+
+    def fused(self, x: Tensor, *others: Int8Linear) -> list[Tensor]:
+        """[this layer(x), each of `others`(x)] (int8 layers of the same input width, e.g. an
+        attention's q, k and v): on the fbgemm path one product against their weights side by side,
+        x quantized once (each separate call would quantize it with the same scale: the same
+        outputs), else one call each."""
+        layers = (self, *others)
+        if KERNEL != "fbgemm" or not all(m._int8_path(x) for m in layers) or len({m.in_features for m in layers}) > 1:
+            return [m(x) for m in layers]
+        x2 = x.reshape(-1, x.shape[-1]).float().contiguous()
+        y = torch.ops.quantized.linear_dynamic(x2, self._packed(x.shape[-1], True, others), REDUCE_RANGE)
+        y = y.view(*x.shape[:-1], -1).to(x.dtype)
+        return list(y.split([m.out_features for m in layers], dim=-1))
 
     def linear_add(self, x: Tensor, other: Tensor) -> Tensor:
         """`x · W[:, :k]ᵀ + other` for x (..., k), as `onednn.linear_add` (Stage B's projected skip)."""

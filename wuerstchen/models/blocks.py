@@ -180,10 +180,12 @@ class TimestepBlock(nn.Module):
 # Queries up to which `attention` multiplies out the scores in bfloat16 on a CPU (see there).
 MATMUL_ATTENTION_MAX_QUERIES = 512
 # Queries for which float32 attention runs as bfloat16 matmuls inside `bf16_attention` (the int8
-# pipeline on a CPU with native bf16). Against torch's fused float32 kernel on a 2-core Zen 4
-# (`python benchmarks/int8.py attention`): 1.5× at 144 queries, 1.3× at 256 and 1024, slower at 64;
-# the scores of 1024 queries × ~1100 keys × 4 heads are 9 MB in bfloat16, so not beyond.
-BF16_ATTENTION_QUERIES = (128, 1024)
+# pipeline on a CPU with native bf16), in chunks of `BF16_ATTENTION_CHUNK` queries. Against torch's
+# fused float32 kernel on a 2-core Zen 4 (`python benchmarks/int8.py attention`): 1.6× at 144
+# queries, 1.3× at 256, 1.4–1.9× at 1024, 1.4× at 4096 (the 1024² decoder; unchunked, its 137 MB of
+# bfloat16 scores made it 1.7× slower than the fused kernel), slower at 64.
+BF16_ATTENTION_QUERIES = (128, 4096)
+BF16_ATTENTION_CHUNK = 256  # queries per product in `_bf16_attention`
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor:
@@ -203,13 +205,37 @@ def attention(q: Tensor, k: Tensor, v: Tensor, dropout_p: float = 0.0) -> Tensor
         return _matmul_attention(q, k, v)
     lo, hi = BF16_ATTENTION_QUERIES
     if q.dtype == torch.float32 and lo <= q.shape[-2] <= hi and kernels.bf16_attention():
-        return _matmul_attention(q.bfloat16(), k.bfloat16(), v.bfloat16()).float()
+        return _bf16_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 
 def _matmul_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
     return torch.softmax(scores, dim=-1) @ v
+
+
+def _bf16_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Float32 (B, heads, N, d) q, k, v → float32 attention, its products in bfloat16, in chunks of
+    `BF16_ATTENTION_CHUNK` queries: q's scale is applied in its cast (one pass, contiguous), each
+    chunk's scores stay small (cache-sized, no fresh pages), and each chunk's output is written
+    straight into a (B, N, heads, d) buffer, so the caller's merge of the heads is a view."""
+    b, h, n, d = q.shape
+    qb = torch.empty(q.shape, dtype=torch.bfloat16)
+    torch.mul(q, d**-0.5, out=qb)
+    kt, vb = k.to(torch.bfloat16).transpose(-1, -2), v.to(torch.bfloat16)
+    out = q.new_empty(b, n, h, d).transpose(1, 2)
+    for i in range(0, n, BF16_ATTENTION_CHUNK):
+        scores = qb[:, :, i : i + BF16_ATTENTION_CHUNK] @ kt
+        out[:, :, i : i + BF16_ATTENTION_CHUNK] = torch.softmax(scores, dim=-1) @ vb
+    return out
+
+
+def _projections(x: Tensor, *layers: nn.Module) -> list[Tensor]:
+    """Each layer applied to x: int8 layers of one kind (wuerstchen.quant) in one product."""
+    first = layers[0]
+    if hasattr(first, "fused") and all(type(m) is type(first) for m in layers):
+        return first.fused(x, *layers[1:])
+    return [m(x) for m in layers]
 
 
 class Attention(nn.Module):
@@ -251,11 +277,14 @@ class AttnBlock(nn.Module):
         attn = self.attention
         b, c, h, w = x.shape
         tokens = channel_norm(x).permute(0, 2, 3, 1).reshape(b, h * w, c)
-        q = attn.heads(attn.to_q(tokens))
         k, v = kv
         if self.self_attn:
-            k = torch.cat([attn.heads(attn.to_k(tokens)), k], dim=2)
-            v = torch.cat([attn.heads(attn.to_v(tokens)), v], dim=2)
+            q, k_x, v_x = _projections(tokens, attn.to_q, attn.to_k, attn.to_v)
+            k = torch.cat([attn.heads(k_x), k], dim=2)
+            v = torch.cat([attn.heads(v_x), v], dim=2)
+        else:
+            q = attn.to_q(tokens)
+        q = attn.heads(q)
         dropout_p = attn.dropout if self.training else 0.0
         o = attention(q, k, v, dropout_p=dropout_p)
         o = attn.to_out(o.transpose(1, 2).reshape(b, h * w, c))
