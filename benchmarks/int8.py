@@ -4,6 +4,8 @@ the official-size v2 prior in float32 and int8.
     python benchmarks/int8.py kernels --threads 2
     python benchmarks/int8.py memory --size 1024 --threads 2     # each mode in a fresh process
     python benchmarks/int8.py attention --threads 2
+    python benchmarks/int8.py ceiling --threads 2      # the pipeline with its int8 products free
+    python benchmarks/int8.py compiled --threads 2     # inductor around fbgemm's int8 products
 
 `kernels`: achieved GOP/s at the medium config's shapes (M, K, N) of float32 and bfloat16
 `F.linear`, `torch._int_mm` alone, our int8 layer end to end with each kernel (`quant.KERNEL`:
@@ -19,6 +21,11 @@ what the int8 mode runs on a CPU with native bf16 for 128–4096 queries), and
 as int8 products per head through `torch._int_mm` (q and k with a scale per row, P with one per
 row, v with one per channel; the scores and probabilities as separate float passes). Prints ms per
 call, GFLOP/s, and each one's mean relative error against float32.
+
+`ceiling` and `compiled`: the medium int8 pipeline at 512² (prior 29 steps CFG 4, decoder 12),
+alternating in one process: as it runs against every int8 product replaced by a stored output of its
+shape (what all else costs: the bound on what faster int8 products could give); eager against
+`torch.compile` of prior and decoder with the int8 products as opaque custom ops. Seconds per run.
 
 `memory`: the official v2 prior (`STAGE_C_PRESETS["official-v2"]`, ~1B parameters) with random
 weights, built on the meta device and filled in place (int8 modes: int8 layers from the start,
@@ -68,20 +75,19 @@ def _with_kernel(kernel: str, layer, x):
 
 def _onednn_linear(layer, m: int):
     """oneDNN's int8 Linear (`torch.ops.onednn.qlinear_pointwise`, the op inductor's x86 quantization
-    emits) on `layer`'s int8 weights, with the activations quantized per tensor to uint8 in torch
-    (its int8 activations take a reference path: seconds a call) and an optional post-op ("gelu")."""
+    emits) on `layer`'s int8 weights, with the activations quantized per tensor to uint8 by torch's
+    one-op `quantize_per_tensor_dynamic` (as fbgemm's dynamic Linear does inside; oneDNN's int8
+    activations take a reference path: seconds a call) and an optional post-op ("gelu")."""
     packed = torch.ops.onednn.qlinear_prepack(layer.qweight.t().contiguous(), [m, layer.in_features])
     zeros = torch.zeros(layer.out_features, dtype=torch.long)
 
     def run(x: torch.Tensor, post: str = "none") -> torch.Tensor:
-        lo, hi = torch.aminmax(x)
-        scale = ((hi.clamp(min=0) - lo.clamp(max=0)) / 255).clamp_min(1e-12)
-        zero = (-lo.clamp(max=0) / scale).round().to(torch.int32)
-        qx = torch.div(x, scale).round_().add_(zero).clamp_(0, 255).to(torch.uint8)
-        op = torch.ops.onednn.qlinear_pointwise.tensor
-        return op(
-            qx, scale, zero, packed, layer.weight_scale, zeros, layer.bias, 1.0, 0, torch.float32, post, [], "none"
-        )
+        with warnings.catch_warnings():  # torch's notice that quantized tensors are deprecated
+            warnings.simplefilter("ignore")
+            qx = torch.quantize_per_tensor_dynamic(x, torch.quint8, False)
+            u8, scale, zero = qx.int_repr(), qx.q_scale(), qx.q_zero_point()
+        op, w_scale = torch.ops.onednn.qlinear_pointwise, layer.weight_scale
+        return op(u8, scale, zero, packed, w_scale, zeros, layer.bias, 1.0, 0, torch.float32, post, [], "none")
 
     return run
 
@@ -128,8 +134,8 @@ def kernels() -> None:
 
 
 # (batch·CFG, heads, queries, head dim, keys) of the medium config's attention calls at 512²: the
-# prior (2 × 8 heads, 144 queries, 144 + 77 keys) and the decoder's levels (1024, 256, 64 queries).
-# (batch, heads, queries, d, keys): the medium prior and decoder levels at 512², then at 1024².
+# prior (2 × 8 heads, 144 queries, 144 + 77 keys) and the decoder's levels (1024, 256, 64 queries);
+# then at 1024² (the prior's 576 queries, the decoder's 4096 and 1024).
 ATTENTION_SHAPES = (
     (2, 8, 144, 64, 221), (1, 4, 1024, 48, 1101), (1, 8, 256, 48, 333), (1, 8, 64, 48, 141),
     (2, 8, 576, 64, 653), (1, 4, 4096, 48, 4173), (1, 8, 1024, 48, 1101),
@@ -181,6 +187,136 @@ def attention() -> None:
             error = ((fn(q, k, v) - ref).abs().mean() / ref.abs().mean()).item()
             parts.append(f"{name} {seconds * 1e3:.2f} ms ({flops / seconds / 1e9:.0f} GFLOP/s, {error:.2%})")
         print(f"{b}×{h} heads, {n} queries × {m} keys, d {d}: " + ", ".join(parts), flush=True)
+
+
+def _medium_int8_runners():
+    from wuerstchen.bench import stage_runners
+    from wuerstchen.sampling import DEFAULT_STAGE_C_TIMESTEPS
+    from wuerstchen.testing import random_pipeline
+
+    pipe = random_pipeline("medium")
+    pipe.quantize("int8")
+    return pipe, stage_runners("ours", pipe, 512, DEFAULT_STAGE_C_TIMESTEPS, 12)
+
+
+def _alternate(runners, variants: dict, pairs: int) -> None:
+    """Run the pipeline under each variant (a context manager factory) in turn, `pairs` times
+    (the order flipped every round), after one untimed run each; print each run's stage seconds."""
+    from wuerstchen.bench import run_once
+
+    for make in variants.values():
+        with make():
+            run_once(runners)
+    times = {name: [] for name in variants}
+    for i in range(pairs):
+        for name in list(variants)[:: 1 if i % 2 == 0 else -1]:
+            with variants[name]():
+                times[name].append(run_once(runners)[0])
+    for name, runs in times.items():
+        totals = sorted(sum(t) for t in runs)
+        stages = " ".join("/".join(f"{t[j]:.2f}" for t in runs) for j in range(3))
+        print(f"  {name:24} total median {totals[len(totals) // 2]:.2f} s, min {totals[0]:.2f} s;"
+              f" prior, decoder, VQGAN per run: {stages}", flush=True)  # fmt: skip
+
+
+def ceiling(pairs: int) -> None:
+    """The medium int8 pipeline at 512² as it runs, and with every int8 product replaced by a stored
+    output of its shape (no arithmetic, no quantization): what everything but the int8 Linear
+    layers costs. Alternating in one process."""
+    from contextlib import contextmanager, nullcontext
+
+    from wuerstchen import quant
+    from wuerstchen.bench import print_machine
+
+    print_machine(torch.get_num_threads())
+    pipe, runners = _medium_int8_runners()
+    stored: dict[tuple, torch.Tensor] = {}
+    product, fused = quant.Int8Linear._product, quant.Int8Linear.fused
+
+    def free_product(layer, x, other):
+        if not layer._int8_path(x):
+            return product(layer, x, other)
+        key = (*x.shape[:-1], layer.out_features)
+        if key not in stored:  # values of an activation's scale (no zeros, no denormals)
+            stored[key] = torch.randn(key, generator=torch.Generator().manual_seed(0)) * 0.5
+        return stored[key]
+
+    @contextmanager
+    def free():
+        quant.Int8Linear._product = free_product
+        quant.Int8Linear.fused = lambda layer, x, *others: [free_product(m, x, None) for m in (layer, *others)]
+        try:
+            yield
+        finally:
+            quant.Int8Linear._product, quant.Int8Linear.fused = product, fused
+
+    print("# medium config int8, 512², prior 29 steps CFG 4, decoder 12; int8 products as they are / free")
+    _alternate(runners, {"int8": nullcontext, "int8, products free": free}, pairs)
+
+
+def compiled(pairs: int) -> None:
+    """The medium int8 pipeline's prior and decoder through `torch.compile` (inductor, no freezing)
+    with each int8 product an opaque custom op (the fbgemm call as it runs eagerly), so that inductor
+    fuses everything between them; against eager, alternating. Prints the first call's seconds
+    (the compilation) and the decoder latents' difference."""
+    import weakref
+    from contextlib import contextmanager
+
+    from wuerstchen import quant
+    from wuerstchen.bench import print_machine, run_once
+
+    print_machine(torch.get_num_threads())
+    pipe, runners = _medium_int8_runners()
+    layers = {}
+    for model in (pipe.prior, pipe.decoder):
+        for m in model.modules():
+            if isinstance(m, quant.Int8Linear):
+                layers[id(m)] = weakref.ref(m)  # registered before tracing: the op finds its layer by id
+    product, fused = quant.Int8Linear._product, quant.Int8Linear.fused
+
+    @torch.library.custom_op("int8bench::product", mutates_args=())
+    def product_op(x: torch.Tensor, layer: int, other: torch.Tensor | None) -> torch.Tensor:
+        return product(layers[layer](), x, other).clone()
+
+    @product_op.register_fake
+    def _(x, layer, other):
+        return x.new_empty(*x.shape[:-1], layers[layer]().out_features)
+
+    @torch.library.custom_op("int8bench::fused", mutates_args=())
+    def fused_op(x: torch.Tensor, ids: list[int]) -> torch.Tensor:
+        first, *others = (layers[i]() for i in ids)
+        return torch.cat(fused(first, x, *others), dim=-1)
+
+    @fused_op.register_fake
+    def _(x, ids):
+        return x.new_empty(*x.shape[:-1], sum(layers[i]().out_features for i in ids))
+
+    def traced_product(layer, x, other):
+        return product_op(x, id(layer), other) if torch.compiler.is_compiling() else product(layer, x, other)
+
+    def traced_fused(layer, x, *others):
+        if not torch.compiler.is_compiling():
+            return fused(layer, x, *others)
+        y = fused_op(x, [id(m) for m in (layer, *others)])
+        return list(y.split([m.out_features for m in (layer, *others)], dim=-1))
+
+    quant.Int8Linear._product, quant.Int8Linear.fused = traced_product, traced_fused
+    pipe.placement.compile({"prior": pipe.prior, "decoder": pipe.decoder}, False, {})
+    graphs = pipe.placement.compiled
+    t0 = time.perf_counter()
+    _, out_compiled = run_once(runners)
+    print(f"# first compiled call (compiling prior and decoder): {time.perf_counter() - t0:.1f} s")
+    pipe.placement.compiled = {}
+    _, out_eager = run_once(runners)
+    diff = ((out_compiled[1] - out_eager[1]).abs().mean() / out_eager[1].abs().mean()).item()
+    print(f"# decoder latents, compiled against eager: {diff:.2%} mean relative difference")
+
+    @contextmanager
+    def with_graphs(which):
+        pipe.placement.compiled = which
+        yield
+
+    _alternate(runners, {"int8 eager": lambda: with_graphs({}), "int8 compiled": lambda: with_graphs(graphs)}, pairs)
 
 
 def _rss_kib(field: str) -> int:
@@ -237,16 +373,21 @@ def memory(size: int, threads: int) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("what", choices=("kernels", "attention", "memory", "memory-child"))
+    p.add_argument("what", choices=("kernels", "attention", "ceiling", "compiled", "memory", "memory-child"))
     p.add_argument("mode", nargs="?", default="float32", help=argparse.SUPPRESS)
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--pairs", type=int, default=4, help="ceiling, compiled: alternating runs of each")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.what == "kernels":
         kernels()
     elif args.what == "attention":
         attention()
+    elif args.what == "ceiling":
+        ceiling(args.pairs)
+    elif args.what == "compiled":
+        compiled(args.pairs)
     elif args.what == "memory":
         memory(args.size, args.threads)
     else:
