@@ -110,16 +110,20 @@ def test_fused_int8_projections_are_the_separate_ones(kernel: str) -> None:
 
     layers = [Int8Linear.from_linear(_linear(64, 64, seed=i), activations=True) for i in range(3)]
     x = torch.randn(2, 40, 64, generator=torch.Generator().manual_seed(4))
-    for _ in range(2):  # the second time with the first layer's weights changed in place
+    for changed in (None, 0, 2):  # then with the first layer's weights changed in place, then another's
+        if changed is not None:
+            layers[changed].qweight.copy_(layers[1].qweight)
         for got, layer in zip(layers[0].fused(x, *layers[1:]), layers, strict=True):
             # The same quantized input (one scale per call, from the same x) and the same exact int32
             # sums; only the float32 rescaling can round apart: ≤ a few float32 ulps.
             assert got.shape == (2, 40, 64) and rel_err(got, layer(x)) <= 1e-6
-        layers[0].qweight.copy_(layers[1].qweight)
     torch.manual_seed(5)
     block = blocks.AttnBlock(64, 32, nhead=4).eval()
     quantize_model(block, "int8")
-    x, kv = torch.randn(2, 64, 6, 6), block.text_kv(torch.randn(2, 7, 32))
+    x, cond = torch.randn(2, 64, 6, 6), torch.randn(2, 7, 32)
+    kv, attn, text = block.text_kv(cond), block.attention, block.kv_mapper(cond)
+    for got, layer in zip(kv, (attn.to_k, attn.to_v), strict=True):  # the text's k, v through the q, k, v product
+        assert rel_err(got, attn.heads(layer(text))) <= 1e-6  # as above
     fused = block(x, kv)
     with pytest.MonkeyPatch.context() as m:
         m.setattr(blocks, "_projections", lambda x, *layers: [layer(x) for layer in layers])

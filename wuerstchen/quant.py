@@ -169,10 +169,10 @@ class Int8Linear(nn.Module):
         weights = tuple((t.data_ptr(), t._version) for t in self._tensors())
         if self.__dict__.get("_packed_from") != weights:  # new or replaced weights: the old packs are stale
             self.__dict__.update(_packed_from=weights, _packs={})
-        layers = (self, *others)
-        cache = self.__dict__["_packs"]
-        key = (k, bias, tuple((id(m), tuple((t.data_ptr(), t._version) for t in m._tensors())) for m in others))
-        if key not in cache:
+        layers, cache = (self, *others), self.__dict__["_packs"]
+        key = (k, bias, tuple(id(m) for m in others))
+        stamp = tuple(tuple((t.data_ptr(), t._version) for t in m._tensors()) for m in others)
+        if key not in cache or cache[key][0] != stamp:  # new, or `others` changed: replaced, not kept
             w = torch.cat([m.qweight[:k] for m in layers], dim=1).t().contiguous()  # (out, k), the packing's layout
             scale = torch.cat([m.weight_scale for m in layers]).double()
             biases = [m.bias if m.bias is not None else torch.zeros(m.out_features) for m in layers]
@@ -180,8 +180,9 @@ class Int8Linear(nn.Module):
             with warnings.catch_warnings():  # torch's notice that quantized tensors are deprecated
                 warnings.simplefilter("ignore")
                 qw = torch._make_per_channel_quantized_tensor(w, scale, zero, 0)
-                cache[key] = torch.ops.quantized.linear_prepack(qw, torch.cat(biases).float() if bias else None)
-        return cache[key]
+                pack = torch.ops.quantized.linear_prepack(qw, torch.cat(biases).float() if bias else None)
+            cache[key] = (stamp, pack)
+        return cache[key][1]
 
     def _product(self, x: Tensor, other: Tensor | None) -> Tensor:
         """x (..., k) · W[:, :k]ᵀ (+ other (..., out), else + bias) in x's dtype."""

@@ -270,8 +270,14 @@ class AttnBlock(nn.Module):
 
     def text_kv(self, cond: Tensor) -> tuple[Tensor, Tensor]:
         """cond (B, L, c_cond) → keys, values (B, heads, L, d)."""
-        kv = self.kv_mapper(cond)
-        return self.attention.heads(self.attention.to_k(kv)), self.attention.heads(self.attention.to_v(kv))
+        attn, kv = self.attention, self.kv_mapper(cond)
+        if self.self_attn and hasattr(attn.to_q, "fused"):
+            # int8 layers: through the q, k, v product `forward` runs (no packed weights of their own
+            # for k and v; the text's q, once per generation, is thrown away).
+            _, k, v = _projections(kv, attn.to_q, attn.to_k, attn.to_v)
+        else:
+            k, v = attn.to_k(kv), attn.to_v(kv)
+        return attn.heads(k), attn.heads(v)
 
     def forward(self, x: Tensor, kv: tuple[Tensor, Tensor]) -> Tensor:
         attn = self.attention
