@@ -127,8 +127,7 @@ def prepare(
             message = f"got {len(masks)} masks for {len(images)} images: give one, or one per image"
             raise UserError(message, "mask_image")
         for m in masks:
-            if _size_of(m, "mask_image") != size:
-                got = _size_of(m, "mask_image")
+            if (got := _size_of(m, "mask_image")) != size:
                 raise UserError(f"the mask is {got[1]}×{got[0]} px but the image is {size[1]}×{size[0]}: "
                                 "give a mask of the image's size (white = repaint)", "mask_image")  # fmt: skip
         mask = torch.cat([_mask_pixels(m, (height, width)) for m in masks])

@@ -159,19 +159,19 @@ class Int8Linear(nn.Module):
     def _int8_path(self, x: Tensor) -> bool:
         return self.activations and x.device.type == "cpu" and x.numel() >= MIN_ROWS * x.shape[-1]
 
-    def _tensors(self) -> tuple[Tensor, ...]:
-        return (self.qweight, self.weight_scale) + ((self.bias,) if self.bias is not None else ())
+    def _stamp(self) -> tuple:
+        """Where and at which version the layer's tensors are: a packed copy made from them is stale once
+        this changes (a load, a cast, a move, an in-place edit)."""
+        return tuple((t.data_ptr(), t._version) for t in (self.qweight, self.weight_scale, self.bias) if t is not None)
 
     def _packed(self, k: int, bias: bool, others: tuple[Int8Linear, ...] = ()) -> Any:
         """fbgemm's packed weight of the input columns [0, k) (with the bias, or without), side by side
         with `others`' (same input width, with their biases), made at the first call and kept while
         the tensors are unchanged (a load, a cast or a move makes a new one)."""
-        weights = tuple((t.data_ptr(), t._version) for t in self._tensors())
-        if self.__dict__.get("_packed_from") != weights:  # new or replaced weights: the old packs are stale
+        if self.__dict__.get("_packed_from") != (weights := self._stamp()):  # new or replaced weights: stale packs
             self.__dict__.update(_packed_from=weights, _packs={})
         layers, cache = (self, *others), self.__dict__["_packs"]
-        key = (k, bias, tuple(id(m) for m in others))
-        stamp = tuple(tuple((t.data_ptr(), t._version) for t in m._tensors()) for m in others)
+        key, stamp = (k, bias, tuple(id(m) for m in others)), tuple(m._stamp() for m in others)
         if key not in cache or cache[key][0] != stamp:  # new, or `others` changed: replaced, not kept
             w = torch.cat([m.qweight[:k] for m in layers], dim=1).t().contiguous()  # (out, k), the packing's layout
             scale = torch.cat([m.weight_scale for m in layers]).double()
